@@ -1,0 +1,143 @@
+"""The `tinyworlds` command line.
+
+Each command parses its options and calls one library function; the logic lives in the
+library. Errors the user can cause are `TinyWorldsError`s, printed as one `error: ...`
+line with exit status 1 and no traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from tinyworlds.errors import TinyWorldsError
+
+app = typer.Typer(
+    help="Train Genie-style world models from gameplay video.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+
+def user_errors(command):
+    """Turn a TinyWorldsError into `error: <message>` on stderr and exit status 1."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except TinyWorldsError as err:
+            typer.echo(f"error: {err}", err=True)
+            raise typer.Exit(1) from None
+        except KeyboardInterrupt:
+            typer.echo("error: interrupted", err=True)
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def parse_crop(text: str | None) -> tuple[int, int, int, int] | None:
+    """`X,Y,W,H` in source pixels -> a tuple, or a one-line error."""
+    if text is None:
+        return None
+    parts = text.split(",")
+    try:
+        x, y, w, h = (int(p) for p in parts)
+    except ValueError:
+        raise TinyWorldsError(f"--crop {text!r}: expected X,Y,W,H as four whole numbers of pixels") from None
+    if x < 0 or y < 0 or w <= 0 or h <= 0:
+        raise TinyWorldsError(f"--crop {text!r}: X and Y must be >= 0 and W, H > 0")
+    return x, y, w, h
+
+
+@app.command()
+@user_errors
+def record(
+    game: Annotated[str, typer.Argument(help="ALE ROM id, e.g. pong, breakout, freeway.")],
+    out: Annotated[Path, typer.Option(help="Output mp4; the actions sidecar is written next to it.")],
+    frames: Annotated[int, typer.Option(help="Number of frames to record (at the native 60 fps).")] = 3000,
+    seed: Annotated[int, typer.Option(help="Seed for the emulator and the policy: same seed, same bytes.")] = 0,
+    action_repeat: Annotated[int, typer.Option(help="Frames each chosen action is held for.")] = 4,
+    stickiness: Annotated[float, typer.Option(help="Probability of keeping the previous action at each decision.")] = 0.8,
+) -> None:
+    """Record real Atari gameplay with a sticky random policy to an H.264 mp4 plus action sidecar."""
+    from tinyworlds.data.record import record_gameplay
+
+    result = record_gameplay(
+        game, out, frames=frames, seed=seed, action_repeat=action_repeat, stickiness=stickiness
+    )
+    typer.echo(f"wrote {result.video} ({result.frames} frames) and {result.actions}")
+
+
+@app.command()
+@user_errors
+def ingest(
+    source: Annotated[Path, typer.Argument(help="A video FFmpeg can read, or a TinyWorlds HDF5 file with a `frames` dataset.")],
+    out: Annotated[Path, typer.Option(help="Output store: NAME.zarr (default format) or NAME.h5.")],
+    size: Annotated[int, typer.Option(help="Output frames are SIZE x SIZE pixels.")] = 64,
+    fps: Annotated[float, typer.Option(help="Output frame rate; frames are picked by timestamp.")] = 15.0,
+    crop: Annotated[Optional[str], typer.Option(help="X,Y,W,H box in source pixels, applied before resizing.")] = None,
+    fit: Annotated[str, typer.Option(help="Non-square sources: crop (centre square), pad (letterbox), or stretch.")] = "crop",
+    start: Annotated[Optional[float], typer.Option(help="Start time in seconds.")] = None,
+    end: Annotated[Optional[float], typer.Option(help="End time in seconds.")] = None,
+    grayscale: Annotated[bool, typer.Option(help="Store one channel instead of RGB.")] = False,
+    format: Annotated[Optional[str], typer.Option(help="zarr or hdf5 (default: from the --out suffix).")] = None,
+    allow_partial: Annotated[bool, typer.Option(help="Keep the decodable frames of a cut-off video instead of failing.")] = False,
+    actions: Annotated[Optional[Path], typer.Option(help="Ground-truth actions sidecar (default: SOURCE's .actions.json if present).")] = None,
+) -> None:
+    """Decode a video (streaming) into a uint8 frame store, resampled and resized."""
+    from tinyworlds.data.ingest import ingest as ingest_video
+
+    report = ingest_video(
+        source,
+        out,
+        size=size,
+        fps=fps,
+        crop=parse_crop(crop),
+        fit=fit,
+        start=start,
+        end=end,
+        grayscale=grayscale,
+        fmt=format,
+        allow_partial=allow_partial,
+        actions=actions,
+    )
+    typer.echo(report.summary())
+
+
+@app.command()
+@user_errors
+def datasets(
+    params: Annotated[Path, typer.Option(help="The params file that lists the datasets.")] = Path("params.yaml"),
+) -> None:
+    """List the configured datasets: frames, size, fps, disk size, ground-truth actions."""
+    from tinyworlds.data.catalog import print_datasets
+
+    print_datasets(params)
+
+
+@app.command()
+@user_errors
+def runs(
+    stage: Annotated[Optional[str], typer.Option(help="Only runs of this stage (e.g. train_dynamics).")] = None,
+    limit: Annotated[int, typer.Option(help="How many recent runs to show.")] = 10,
+    diff: Annotated[Optional[list[str]], typer.Option(help="Show two runs side by side: --diff RUN --diff RUN.")] = None,
+    experiment: Annotated[Optional[str], typer.Option(help="MLflow experiment (default: from params.yaml).")] = None,
+) -> None:
+    """Print recent MLflow runs with their key params and final metrics."""
+    from tinyworlds.tracking import print_runs
+
+    print_runs(stage=stage, limit=limit, diff=diff, experiment=experiment)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
