@@ -1,0 +1,31 @@
+"""DVC stage `ingest@NAME`: decode params `datasets.NAME.source` into data/frames/NAME.zarr."""
+
+import sys
+
+from tinyworlds.data.ingest import ingest
+from tinyworlds.params import Layout, load_params, section
+from tinyworlds.stage import run_stage
+
+
+def main(name: str) -> None:
+    params = load_params()
+    spec = section(params, "datasets", name)
+    crop = spec.get("crop")
+    report = ingest(
+        spec["source"],
+        Layout().frames(name),
+        size=section(params, "data", "size"),
+        fps=section(params, "data", "fps"),
+        crop=tuple(crop) if crop else None,
+        fit=spec.get("fit", "crop"),
+        start=spec.get("start"),
+        end=spec.get("end"),
+        grayscale=spec.get("grayscale", False),
+        allow_partial=spec.get("allow_partial", False),
+        progress=False,
+    )
+    print(f"ingest@{name}: {report.summary()}")
+
+
+if __name__ == "__main__":
+    run_stage(lambda: main(sys.argv[1]))

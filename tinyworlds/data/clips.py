@@ -1,0 +1,181 @@
+"""Training clips: fixed-length windows over per-frame arrays, split by time blocks.
+
+Every store in the pipeline is aligned 1:1 on the time axis with the frame store it came
+from (frames [N, H, W, C], tokens [N, P], latent actions [N]), so one split rule serves all of
+them: the tokenizer, the latent action model and the dynamics model see the same held-out
+frames.
+
+The split. Each video's timeline is cut into blocks of `block_frames`; every k-th block
+(k = round(1 / val_fraction), counted from the end so even a short video gets one) is
+validation. The `gap_frames` frames on either side of each validation block belong to
+neither split, so a training clip never sits right next to a validation clip. A clip is
+kept only if all its frames carry the same label, hence no clip overlaps the other split and
+no clip crosses from one video into the next (each video is windowed on its own).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from einops import rearrange
+from torch.utils.data import Dataset
+
+from tinyworlds.errors import TinyWorldsError
+
+TRAIN, VAL, GAP = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    val_fraction: float = 0.1
+    block_frames: int = 300
+    gap_frames: int = 16
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.val_fraction < 1.0:
+            raise TinyWorldsError(f"split.val_fraction={self.val_fraction}: must be in (0, 1)")
+        if self.block_frames <= 0 or self.gap_frames < 0:
+            raise TinyWorldsError("split.block_frames must be > 0 and split.gap_frames >= 0")
+
+
+def frame_labels(num_frames: int, split: SplitConfig) -> np.ndarray:
+    """TRAIN / VAL / GAP for every frame of one video; [N] int8."""
+    labels = np.full(num_frames, TRAIN, dtype=np.int8)
+    num_blocks = -(-num_frames // split.block_frames)
+    every = max(2, round(1 / split.val_fraction))
+    for block in range(num_blocks):
+        if (num_blocks - 1 - block) % every != 0:
+            continue
+        start, stop = block * split.block_frames, min(num_frames, (block + 1) * split.block_frames)
+        labels[max(0, start - split.gap_frames) : start] = GAP
+        labels[stop : stop + split.gap_frames] = GAP
+        labels[start:stop] = VAL
+    if num_blocks == 1:
+        # One block cannot be both train and val: the video is too short to split by blocks,
+        # so hold out its last val_fraction instead (with the gap before it).
+        val_start = int(num_frames * (1 - split.val_fraction))
+        labels[:] = TRAIN
+        labels[max(0, val_start - split.gap_frames) : val_start] = GAP
+        labels[val_start:] = VAL
+    return labels
+
+
+def clip_starts(labels: np.ndarray, span: int, want: int, stride: int = 1) -> np.ndarray:
+    """Start indices of windows of `span` frames that lie wholly inside frames labelled `want`."""
+    if span > len(labels):
+        return np.zeros(0, dtype=np.int64)
+    inside = np.concatenate([[0], np.cumsum(labels == want)])
+    starts = np.arange(0, len(labels) - span + 1)
+    whole = (inside[starts + span] - inside[starts]) == span
+    return starts[whole][::stride] if stride > 1 else starts[whole]
+
+
+def open_array(path: Path, name: str):
+    """A lazily-read array `name` of a zarr group or an HDF5 file (chosen by suffix)."""
+    if not Path(path).exists():
+        raise TinyWorldsError(f"{path}: store not found")
+    if Path(path).suffix.lower() in (".h5", ".hdf5"):
+        import h5py
+
+        handle = h5py.File(path, "r")
+        if name not in handle:
+            raise TinyWorldsError(f"{path}: has no {name!r} dataset")
+        return handle[name]
+    import zarr
+
+    try:
+        group = zarr.open_group(str(path), mode="r")
+        return group[name]
+    except KeyError:
+        raise TinyWorldsError(f"{path}: has no {name!r} array") from None
+    except Exception as err:  # zarr raises several types for a store that is not one
+        raise TinyWorldsError(f"{path}: not a readable zarr store ({err})") from None
+
+
+@dataclass(frozen=True)
+class VideoArrays:
+    """The per-frame arrays of one video, aligned on time: field -> (store path, array name).
+
+    e.g. {"frames": (Path("data/frames/pong.zarr"), "frames")} for the tokenizer, or
+    {"tokens": (tokens.zarr, "tokens"), "actions": (actions.zarr, "actions")} for dynamics.
+    """
+
+    name: str
+    fields: dict[str, tuple[Path, str]]
+
+
+class ClipDataset(Dataset):
+    """Clips of `clip_len` frames taken every `frame_skip` frames, from one split.
+
+    Items are dicts of tensors: "frames" -> uint8 [T, C, H, W] (converted to float on the
+    device: 4x less to copy), "tokens" -> int64 [T, P], "actions" -> int64 [T-1] (the action
+    stored at frame t is the transition t -> t + frame_skip). Arrays are opened lazily in each
+    process, so the dataset works with DataLoader workers; `preload` reads whole arrays into
+    memory once (worth it for small stores: a clip then costs a slice, not a chunk decode).
+    """
+
+    def __init__(
+        self,
+        videos: list[VideoArrays],
+        *,
+        clip_len: int,
+        frame_skip: int = 1,
+        split: str = "train",
+        split_config: SplitConfig = SplitConfig(),
+        stride: int | None = None,
+        preload: bool = False,
+    ) -> None:
+        if clip_len < 1 or frame_skip < 1:
+            raise TinyWorldsError(f"clip_len={clip_len}, frame_skip={frame_skip}: both must be >= 1")
+        if split not in ("train", "val"):
+            raise TinyWorldsError(f"split={split!r}: must be 'train' or 'val'")
+        self.videos = videos
+        self.clip_len, self.frame_skip, self.preload = clip_len, frame_skip, preload
+        self.span = (clip_len - 1) * frame_skip + 1
+        # Validation clips do not overlap by default, so each held-out frame counts once.
+        stride = stride or (1 if split == "train" else self.span)
+        want = TRAIN if split == "train" else VAL
+        index = []
+        for video_id, video in enumerate(videos):
+            lengths = {field: open_array(path, key).shape[0] for field, (path, key) in video.fields.items()}
+            if len(set(lengths.values())) != 1:
+                raise TinyWorldsError(f"{video.name}: per-frame arrays are not aligned ({lengths})")
+            labels = frame_labels(next(iter(lengths.values())), split_config)
+            starts = clip_starts(labels, self.span, want, stride)
+            index.append(np.stack([np.full_like(starts, video_id), starts], axis=1))
+        self.index = np.concatenate(index) if index else np.zeros((0, 2), dtype=np.int64)
+        self._arrays: dict[tuple[int, str], object] | None = None
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def _array(self, video_id: int, field: str):
+        if self._arrays is None:  # first use in this process (DataLoader workers fork)
+            self._arrays = {}
+        key = (video_id, field)
+        if key not in self._arrays:
+            path, name = self.videos[video_id].fields[field]
+            array = open_array(path, name)
+            self._arrays[key] = np.asarray(array[:]) if self.preload else array
+        return self._arrays[key]
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_arrays"] = None  # open handles do not cross process boundaries
+        return state
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        video_id, start = (int(v) for v in self.index[i])
+        item = {}
+        for field in self.videos[video_id].fields:
+            window = np.asarray(self._array(video_id, field)[start : start + self.span : self.frame_skip])
+            if field == "frames":
+                item[field] = torch.from_numpy(np.ascontiguousarray(rearrange(window, "t h w c -> t c h w")))
+            elif field == "actions":
+                item[field] = torch.from_numpy(window[:-1].astype(np.int64))  # [T-1]
+            else:
+                item[field] = torch.from_numpy(window.astype(np.int64))
+        return item

@@ -1,0 +1,396 @@
+"""One training loop for the tokenizer, the latent action model and the dynamics model.
+
+Assembled from named steps (`build_optimizer`, `build_loaders`, `restore_if_possible`,
+`train_step`, `validate`, `save_state`) around a model-specific `loss_fn(model, batch) ->
+(loss, metrics)`. What it guarantees:
+
+- Reproducible: the batch of step k is drawn from a generator seeded by (seed, k), so a
+  resumed run sees exactly the data the uninterrupted run would have.
+- Resumable: every `checkpoint_every` steps the whole training state (weights, optimizer,
+  scheduler, RNG, history) goes to `state_dir`, atomically. A later call with the same
+  fingerprint (config + data) continues from there; a different fingerprint starts over.
+  Ctrl-C / SIGTERM finish the current step, save, and stop with exit status 130.
+- Sync-free hot path: losses are summed on the device and read once per `log_every` steps.
+  A non-finite loss is noticed there and stops training with the first bad step named;
+  since checkpoints are only written after that check, the last one on disk is good.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import math
+import signal
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from tinyworlds.atomic import atomic_output
+from tinyworlds.errors import TinyWorldsError
+from tinyworlds.training.device import autocast, configure_backends, resolve_precision
+
+LossFn = Callable[[torch.nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 16
+    grad_accum: int = 1  # micro-batches of batch_size per optimizer step
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 100
+    weight_decay: float = 0.01
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    log_every: int = 25
+    val_every: int = 250
+    val_batches: int = 8
+    checkpoint_every: int = 250
+    precision: str = "auto"  # auto: bf16 on CUDA, fp32 elsewhere
+    compile: bool = False
+    num_workers: int = 0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "grad_accum", "log_every", "val_every", "val_batches", "checkpoint_every"):
+            if getattr(self, name) <= 0:
+                raise TinyWorldsError(f"train.{name}={getattr(self, name)}: must be a positive whole number")
+        if not self.lr > 0 or not math.isfinite(self.lr):
+            raise TinyWorldsError(f"train.lr={self.lr}: must be a positive number")
+        if self.warmup_steps < 0 or self.warmup_steps >= self.steps:
+            raise TinyWorldsError(f"train.warmup_steps={self.warmup_steps}: must be in [0, steps={self.steps})")
+        if self.num_workers < 0:
+            raise TinyWorldsError(f"train.num_workers={self.num_workers}: must be >= 0")
+        # Validation and checkpoints happen at log boundaries, where the loop syncs anyway.
+        for name in ("val_every", "checkpoint_every"):
+            if getattr(self, name) % self.log_every:
+                raise TinyWorldsError(f"train.{name}={getattr(self, name)}: must be a multiple of log_every={self.log_every}")
+
+
+class StepBatchSampler(Sampler[list[int]]):
+    """Batches of indices for micro-steps [start, stop): batch k depends only on (seed, k)."""
+
+    def __init__(self, num_items: int, batch_size: int, seed: int, start: int, stop: int) -> None:
+        self.num_items, self.batch_size, self.seed, self.start, self.stop = num_items, batch_size, seed, start, stop
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def __iter__(self) -> Iterator[list[int]]:
+        generator = torch.Generator()
+        for micro_step in range(self.start, self.stop):
+            generator.manual_seed(self.seed * 1_000_003 + micro_step)
+            yield torch.randint(self.num_items, (self.batch_size,), generator=generator).tolist()
+
+
+def fingerprint(*parts: Any) -> str:
+    """A stable hash of the config and data identity a training state belongs to."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def build_optimizer(model: torch.nn.Module, config: TrainConfig, device: torch.device):
+    """AdamW (no decay on norms, biases and embeddings' 1-D params) + linear warmup, cosine decay."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=config.lr,
+        betas=(config.beta1, config.beta2),
+        fused=device.type == "cuda",
+    )
+    schedulers, milestones = [], []
+    if config.warmup_steps:
+        schedulers.append(torch.optim.lr_scheduler.LinearLR(optimizer, 1e-3, 1.0, total_iters=config.warmup_steps))
+        milestones.append(config.warmup_steps)
+    schedulers.append(
+        torch.optim.lr_scheduler.CosineAnnealingLR(
+            optimizer, T_max=config.steps - config.warmup_steps, eta_min=config.lr * config.min_lr_ratio
+        )
+    )
+    scheduler = torch.optim.lr_scheduler.SequentialLR(optimizer, schedulers, milestones) if milestones else schedulers[0]
+    return optimizer, scheduler
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+class StopRequested:
+    """Ctrl-C / SIGTERM ask the loop to stop after the current step; a second one kills."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print(f"\n{signal.Signals(signum).name}: stopping after this step and saving a checkpoint", file=sys.stderr)
+
+    def __enter__(self) -> StopRequested:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. inside some test runners)
+                pass
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+class Progress:
+    """A rich progress bar on a terminal; plain lines every log interval otherwise (DVC, CI logs)."""
+
+    def __init__(self, name: str, total: int, start: int) -> None:
+        self.name, self.total = name, total
+        self.live = sys.stderr.isatty()
+        if self.live:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn, TimeRemainingColumn
+
+            self.bar = RichProgress(
+                TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("{task.fields[status]}"), TimeRemainingColumn(), transient=False,
+            )
+            self.bar.start()
+            self.task = self.bar.add_task(name, total=total, completed=start, status="")
+
+    def update(self, step: int, status: str) -> None:
+        if self.live:
+            self.bar.update(self.task, completed=step, status=status)
+        else:
+            print(f"{self.name} step {step}/{self.total} {status}", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.live:
+            self.bar.stop()
+
+
+@dataclass
+class TrainResult:
+    model: torch.nn.Module
+    step: int
+    history: list[dict[str, float]]
+    final: dict[str, float]
+    resumed_from: int
+
+
+class Trainer:
+    """Trains `model` with `loss_fn` on `train_set`, validating on `val_set`."""
+
+    def __init__(
+        self,
+        name: str,
+        model: torch.nn.Module,
+        loss_fn: LossFn,
+        train_set: Dataset,
+        val_set: Dataset | None,
+        config: TrainConfig,
+        device: torch.device,
+        state_dir: Path,
+        state_fingerprint: str,
+        log: Callable[[dict[str, float], int], None] | None = None,
+        on_validate: Callable[[torch.nn.Module, int], None] | None = None,
+        tokens_per_item: int = 0,
+    ) -> None:
+        if len(train_set) == 0:
+            raise TinyWorldsError(f"{name}: the training split has no clips (videos too short for the clip length?)")
+        self.name, self.model, self.loss_fn, self.config, self.device = name, model.to(device), loss_fn, config, device
+        self.train_set, self.val_set = train_set, val_set
+        self.state_dir, self.state_fingerprint = Path(state_dir), state_fingerprint
+        self.log = log or (lambda metrics, step: None)
+        self.on_validate = on_validate
+        self.tokens_per_item = tokens_per_item
+        self.precision = resolve_precision(config.precision, device)
+        configure_backends(device)
+        self.optimizer, self.scheduler = build_optimizer(self.model, config, device)
+        self.step = 0
+        self.history: list[dict[str, float]] = []
+        self.step_fn = torch.compile(self.loss_fn) if config.compile else self.loss_fn
+
+    # -- state -------------------------------------------------------------------------------
+    def save_state(self) -> None:
+        with atomic_output(self.state_dir) as tmp:
+            tmp.mkdir()
+            save_file({k: v.contiguous() for k, v in self.model.state_dict().items()}, tmp / "model.safetensors")
+            torch.save(
+                {
+                    "optimizer": self.optimizer.state_dict(),
+                    "scheduler": self.scheduler.state_dict(),
+                    "torch_rng": torch.get_rng_state(),
+                    "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else [],
+                },
+                tmp / "optimizer.pt",
+            )
+            (tmp / "state.json").write_text(
+                json.dumps({"fingerprint": self.state_fingerprint, "step": self.step, "history": self.history})
+            )
+
+    def restore_if_possible(self) -> int:
+        """Continue from `state_dir` if it holds a state of this very run; returns the step."""
+        meta_path = self.state_dir / "state.json"
+        if not meta_path.is_file():
+            return 0
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (OSError, json.JSONDecodeError):
+            print(f"{self.name}: ignoring unreadable training state in {self.state_dir}", file=sys.stderr)
+            return 0
+        if meta.get("fingerprint") != self.state_fingerprint:
+            print(f"{self.name}: training state in {self.state_dir} is from another config; starting over", file=sys.stderr)
+            return 0
+        self.model.load_state_dict(load_file(self.state_dir / "model.safetensors", device=str(self.device)))
+        extra = torch.load(self.state_dir / "optimizer.pt", map_location=self.device, weights_only=True)
+        self.optimizer.load_state_dict(extra["optimizer"])
+        self.scheduler.load_state_dict(extra["scheduler"])
+        torch.set_rng_state(extra["torch_rng"].cpu())
+        if extra["cuda_rng"]:
+            torch.cuda.set_rng_state_all([s.cpu() for s in extra["cuda_rng"]])
+        self.step, self.history = meta["step"], meta["history"]
+        print(f"{self.name}: resuming from step {self.step} ({self.state_dir})", file=sys.stderr)
+        return self.step
+
+    # -- data --------------------------------------------------------------------------------
+    def build_loader(self, start_step: int) -> DataLoader:
+        accum = self.config.grad_accum
+        sampler = StepBatchSampler(
+            len(self.train_set), self.config.batch_size, self.config.seed, start_step * accum, self.config.steps * accum
+        )
+        return DataLoader(
+            self.train_set,
+            batch_sampler=sampler,
+            num_workers=self.config.num_workers,
+            pin_memory=self.device.type == "cuda",
+            # Its own generator: a DataLoader otherwise draws worker seeds from the global RNG,
+            # which would shift the model's random stream on resume.
+            generator=torch.Generator().manual_seed(self.config.seed + start_step),
+        )
+
+    # -- steps -------------------------------------------------------------------------------
+    def validate(self) -> float | None:
+        """Mean loss over the first `val_batches` validation batches, with fixed randomness."""
+        if self.val_set is None or len(self.val_set) == 0:
+            return None
+        loader = DataLoader(self.val_set, batch_size=self.config.batch_size, shuffle=False)
+        self.model.eval()
+        total, count = torch.zeros((), device=self.device), 0
+        # Masking in the losses is random: fix it so that val losses are comparable across steps,
+        # without disturbing the training RNG stream (resume must replay it exactly).
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []), torch.no_grad():
+            torch.manual_seed(self.config.seed)
+            for i, batch in enumerate(loader):
+                if i >= self.config.val_batches:
+                    break
+                with autocast(self.device, self.precision):
+                    loss, _ = self.loss_fn(self.model, to_device(batch, self.device))
+                total += loss.float()
+                count += 1
+        self.model.train()
+        return (total / max(count, 1)).item()
+
+    def fit(self) -> TrainResult:
+        config = self.config
+        torch.manual_seed(config.seed)
+        resumed_from = self.restore_if_possible()
+        self.model.train()
+        progress = Progress(self.name, config.steps, self.step)
+        sums: dict[str, torch.Tensor] = {}
+        first_bad_step = torch.full((), -1, dtype=torch.long, device=self.device)
+        interval_start, interval_steps = time.perf_counter(), 0
+        batches = iter(self.build_loader(self.step))
+        try:
+            with StopRequested() as stop:
+                while self.step < config.steps:
+                    metrics = self.train_step(batches)
+                    self.step += 1
+                    interval_steps += 1
+                    finite = torch.isfinite(metrics["loss"])
+                    first_bad_step = torch.where((first_bad_step < 0) & ~finite, self.step, first_bad_step)
+                    for key, value in metrics.items():
+                        sums[key] = sums.get(key, 0) + value.detach().float()
+
+                    boundary = self.step % config.log_every == 0 or self.step == config.steps or stop.requested
+                    if not boundary:
+                        continue
+                    bad = int(first_bad_step)  # the one sync per log interval
+                    if bad >= 0:
+                        raise TinyWorldsError(
+                            f"{self.name}: loss became non-finite at step {bad} (lr too high?); "
+                            f"stopped, last good checkpoint kept in {self.state_dir}"
+                        )
+                    elapsed = time.perf_counter() - interval_start
+                    row = {k: (v / interval_steps).item() for k, v in sums.items()}
+                    row["lr"] = self.scheduler.get_last_lr()[0]
+                    row["steps_per_s"] = interval_steps / elapsed
+                    if self.tokens_per_item:
+                        row["tokens_per_s"] = row["steps_per_s"] * config.batch_size * config.grad_accum * self.tokens_per_item
+                    if self.step % config.val_every == 0 or self.step == config.steps:
+                        val_loss = self.validate()
+                        if val_loss is not None:
+                            row["val_loss"] = val_loss
+                        if self.on_validate is not None:
+                            self.model.eval()
+                            with torch.no_grad():
+                                self.on_validate(self.model, self.step)
+                            self.model.train()
+                    row["step"] = self.step
+                    self.history.append(row)
+                    self.log({k: v for k, v in row.items() if k != "step"}, self.step)
+                    progress.update(self.step, f"loss {row['loss']:.4f}  {row['steps_per_s']:.2f} it/s")
+                    sums, interval_start, interval_steps = {}, time.perf_counter(), 0
+
+                    if self.step % config.checkpoint_every == 0 or self.step == config.steps or stop.requested:
+                        self.save_state()
+                    if stop.requested and self.step < config.steps:
+                        raise KeyboardInterrupt
+        finally:
+            progress.close()
+        final = {k: v for k, v in self.history[-1].items() if k != "step"} if self.history else {}
+        return TrainResult(self.model, self.step, self.history, final, resumed_from)
+
+    def train_step(self, batches: Iterator[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """One optimizer step over `grad_accum` micro-batches; returns detached metric tensors."""
+        self.optimizer.zero_grad(set_to_none=True)
+        totals: dict[str, torch.Tensor] = {}
+        for _ in range(self.config.grad_accum):
+            batch = to_device(next(batches), self.device)
+            with autocast(self.device, self.precision):
+                loss, metrics = self.step_fn(self.model, batch)
+            (loss / self.config.grad_accum).backward()
+            for key, value in {"loss": loss, **metrics}.items():
+                totals[key] = totals.get(key, 0) + value.detach().float() / self.config.grad_accum
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        totals["grad_norm"] = grad_norm.detach()
+        return totals
+
+
+def write_history_csv(history: list[dict[str, float]], path: Path) -> None:
+    """Loss curves for `dvc plots`: one row per log interval."""
+    columns = sorted({k for row in history for k in row}, key=lambda k: (k != "step", k))
+    with atomic_output(path) as tmp, open(tmp, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(history)
+
+
+def write_metrics_json(metrics: dict[str, Any], path: Path) -> None:
+    with atomic_output(path) as tmp:
+        tmp.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+
+
+def config_dict(config: Any) -> dict[str, Any]:
+    return asdict(config)
