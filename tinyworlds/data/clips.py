@@ -80,7 +80,8 @@ def open_array(path: Path, name: str):
     if Path(path).suffix.lower() in (".h5", ".hdf5"):
         import h5py
 
-        handle = h5py.File(path, "r")
+        # locking=False: a DataLoader worker must not release a file lock its parent holds.
+        handle = h5py.File(path, "r", locking=False)
         if name not in handle:
             raise TinyWorldsError(f"{path}: has no {name!r} dataset")
         return handle[name]

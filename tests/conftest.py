@@ -1,0 +1,80 @@
+"""Shared fixtures: tiny test videos made with PyAV, and the checks that compare them."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+
+# Distinct solid colours: source frame j is PALETTE[j % len(PALETTE)], so an output frame's
+# colour tells which source frame it was taken from.
+PALETTE = np.array(
+    [[230, 30, 30], [30, 200, 30], [40, 40, 220], [230, 230, 40], [40, 220, 220],
+     [220, 40, 220], [250, 250, 250], [10, 10, 10], [150, 90, 30], [90, 150, 230]],
+    dtype=np.uint8,
+)
+
+VP9 = "libvpx-vp9" if "libvpx-vp9" in av.codecs_available else "libvpx"
+
+
+def solid_frames(n: int, width: int, height: int) -> list[np.ndarray]:
+    """n frames [H, W, 3]; frame j is filled with PALETTE[j % 10]."""
+    return [np.broadcast_to(PALETTE[j % len(PALETTE)], (height, width, 3)).copy() for j in range(n)]
+
+
+def write_video(
+    path: Path,
+    frames: Sequence[np.ndarray],
+    *,
+    fps: float = 30,
+    codec: str = "libx264",
+    pix_fmt: str = "yuv420p",
+    times: Sequence[float] | None = None,
+    options: dict | None = None,
+    container_options: dict | None = None,
+) -> Path:
+    """Encode RGB frames [H, W, 3] to `path`; `times` (seconds) gives variable-frame-rate pts."""
+    with av.open(str(path), "w", options=container_options or {}) as container:
+        stream = container.add_stream(codec, rate=Fraction(fps).limit_denominator(1001))
+        stream.height, stream.width = frames[0].shape[:2]
+        stream.pix_fmt = pix_fmt
+        stream.options = options or {}
+        time_base = Fraction(1, 1000)
+        if times is not None:
+            stream.codec_context.time_base = time_base
+        for j, image in enumerate(frames):
+            frame = av.VideoFrame.from_ndarray(image, format="rgb24")
+            if times is not None:
+                frame.pts, frame.time_base = round(times[j] * 1000), time_base
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+def truncate(src: Path, dst: Path, fraction: float) -> Path:
+    """Copy the first `fraction` of `src`'s bytes to `dst`, like a download cut off."""
+    data = src.read_bytes()
+    dst.write_bytes(data[: int(len(data) * fraction)])
+    return dst
+
+
+def nearest_colour(frames_NHWC: np.ndarray) -> np.ndarray:
+    """Index into PALETTE of each frame's mean colour: [N]."""
+    means = frames_NHWC.reshape(len(frames_NHWC), -1, 3).mean(axis=1)  # [N, 3]
+    return np.abs(means[:, None, :] - PALETTE[None].astype(float)).sum(-1).argmin(-1)
+
+
+@pytest.fixture
+def make_video(tmp_path: Path) -> Callable[..., Path]:
+    """`make_video(name, n=60, width=48, height=36, frames=None, **write_video options)`."""
+
+    def make(name: str, n: int = 60, width: int = 48, height: int = 36, frames=None, **options) -> Path:
+        return write_video(tmp_path / name, frames if frames is not None else solid_frames(n, width, height), **options)
+
+    return make

@@ -1,0 +1,187 @@
+"""Open frame stores for reading: a zarr v3 group or an HDF5 file written by `ingest`.
+
+Both hold `frames` (uint8 [N, H, W, C], H = W) and, when ground-truth actions were
+ingested, `actions` (int16 [N]); their attributes are described in `tinyworlds.data.ingest`.
+A plain TinyWorlds HDF5 file (only a `frames` dataset, no attributes) opens too, with
+`fps` None.
+
+Safe for torch DataLoader workers: a store pickles as its path, and the frames are opened
+lazily by the process that first reads them and reopened after a fork (an HDF5 handle
+must never be shared across processes).
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import os
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import zarr
+
+from tinyworlds.errors import TinyWorldsError
+
+
+def store_kind(path: Path) -> str | None:
+    """'zarr' for a zarr v3 group directory, 'hdf5' for an HDF5 file, else None (by content)."""
+    if path.is_dir():
+        return "zarr" if (path / "zarr.json").is_file() else None
+    if path.is_file() and h5py.is_hdf5(path):
+        return "hdf5"
+    return None
+
+
+def _plain(value: Any) -> Any:
+    """An HDF5 attribute as the JSON-like value zarr would give back."""
+    if isinstance(value, bytes):
+        return value.decode()
+    if isinstance(value, np.ndarray):
+        return [_plain(v) for v in value.tolist()]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+class LazyFrames:
+    """`frames[a:b]` -> np.ndarray [n, H, W, C] uint8, opening the store in the reading process."""
+
+    def __init__(self, path: Path, kind: str, shape: tuple[int, ...]):
+        self.path, self.kind, self.shape = path, kind, shape
+        self.dtype = np.dtype(np.uint8)
+        self._pid: int | None = None
+        self._file: h5py.File | None = None
+        self._array: Any = None
+
+    def _open(self) -> Any:
+        if self._pid != os.getpid():
+            # After a fork the parent's handle is dropped here, never used. HDF5 files are
+            # opened without a file lock, so dropping one cannot release the parent's lock.
+            self._file, self._array = None, None
+            if self.kind == "zarr":
+                self._array = zarr.open_array(self.path / "frames", mode="r")
+            else:
+                self._file = h5py.File(self.path, "r", locking=False)
+                self._array = self._file["frames"]
+            self._pid = os.getpid()
+        return self._array
+
+    def __getitem__(self, index) -> np.ndarray:
+        return np.asarray(self._open()[index])
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def close(self) -> None:
+        if self._file is not None and self._pid == os.getpid():
+            self._file.close()
+        self._pid, self._file, self._array = None, None, None
+
+    def __getstate__(self) -> dict:
+        return {"path": self.path, "kind": self.kind, "shape": self.shape}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["path"], state["kind"], state["shape"])
+
+
+class FrameStore:
+    """A frame store opened for reading; see `open_frame_store`."""
+
+    def __init__(self, path: Path, kind: str, shape: tuple[int, ...], actions: np.ndarray | None, attrs: dict):
+        self.path = path
+        self.kind = kind
+        self.frames = LazyFrames(path, kind, shape)  # [N, H, W, C] uint8, read on slicing
+        self.actions = actions  # [N] int16, or None without ground-truth actions
+        self.attrs = attrs
+
+    def __len__(self) -> int:
+        return self.frames.shape[0]
+
+    @property
+    def size(self) -> int:
+        return self.frames.shape[1]
+
+    @property
+    def channels(self) -> int:
+        return self.frames.shape[3]
+
+    @property
+    def fps(self) -> float | None:
+        fps = self.attrs.get("fps")
+        return float(fps) if fps is not None else None
+
+    def disk_bytes(self) -> int:
+        """Bytes the store takes on disk (all files of a zarr directory)."""
+        if self.path.is_file():
+            return self.path.stat().st_size
+        return sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
+
+    def close(self) -> None:
+        self.frames.close()
+
+    def __enter__(self) -> FrameStore:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (f"FrameStore({str(self.path)!r}, frames={len(self)}, size={self.size}, "
+                f"channels={self.channels}, fps={self.fps})")
+
+
+def _check_frames(path: Path, shape: tuple[int, ...], dtype: np.dtype) -> None:
+    if len(shape) != 4 or dtype != np.uint8 or shape[3] not in (1, 3) or shape[1] != shape[2]:
+        raise TinyWorldsError(
+            f"{path}: `frames` is {dtype} {list(shape)}, expected uint8 [N, H, W, C] with H = W and C = 1 or 3"
+        )
+
+
+def _check_actions(path: Path, actions: np.ndarray | None, n: int) -> np.ndarray | None:
+    if actions is not None and actions.shape != (n,):
+        raise TinyWorldsError(f"{path}: `actions` has shape {list(actions.shape)}, expected [{n}] (one per frame)")
+    return actions
+
+
+def open_frame_store(path: str | os.PathLike) -> FrameStore:
+    """Open a zarr or HDF5 frame store (told apart by content); a one-line error if it is not one."""
+    path = Path(path)
+    if not path.exists():
+        raise TinyWorldsError(f"{path}: no such frame store")
+    kind = store_kind(path)
+    if kind is None:
+        raise TinyWorldsError(f"{path}: not a frame store (expected a zarr v3 group directory or an HDF5 file)")
+    try:
+        if kind == "zarr":
+            group = zarr.open_group(path, mode="r")
+            if "frames" not in group:
+                raise TinyWorldsError(f"{path}: zarr group has no `frames` array")
+            frames = group["frames"]
+            shape, dtype = tuple(frames.shape), np.dtype(frames.dtype)
+            actions = group["actions"][:] if "actions" in group else None
+            attrs = dict(group.attrs)
+        else:
+            with h5py.File(path, "r", locking=False) as f:
+                if not isinstance(f.get("frames"), h5py.Dataset):
+                    raise TinyWorldsError(f"{path}: HDF5 file has no `frames` dataset")
+                shape, dtype = tuple(f["frames"].shape), f["frames"].dtype
+                actions = f["actions"][:] if "actions" in f else None
+                attrs = {k: _plain(v) for k, v in f.attrs.items()}
+    except TinyWorldsError:
+        raise
+    except Exception as err:  # zarr and h5py raise many types for a damaged store
+        detail = " ".join(str(err).split())
+        raise TinyWorldsError(f"{path}: cannot read frame store ({type(err).__name__}: {detail})") from None
+    _check_frames(path, shape, dtype)
+    return FrameStore(path, kind, shape, _check_actions(path, actions, shape[0]), attrs)
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file, read in 1 MiB blocks (provenance of stores and caches)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
