@@ -331,7 +331,11 @@ class Trainer:
                             f"stopped, last good checkpoint kept in {self.state_dir}"
                         )
                     elapsed = time.perf_counter() - interval_start
-                    row = {k: (v / interval_steps).item() for k, v in sums.items()}
+                    row = {}
+                    for key, total in sums.items():
+                        mean = (total / interval_steps).flatten().tolist()
+                        # Vector metrics (e.g. the usage of each latent action) become key_0, key_1, ...
+                        row.update({key: mean[0]} if len(mean) == 1 else {f"{key}_{i}": v for i, v in enumerate(mean)})
                     row["lr"] = self.scheduler.get_last_lr()[0]
                     row["steps_per_s"] = interval_steps / elapsed
                     if self.tokens_per_item:

@@ -1,0 +1,1 @@
+"""Measuring world models: image metrics, action metrics, rollouts."""

@@ -1,0 +1,148 @@
+"""What the training stages share: configs from params, datasets from the layout, tracking."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from einops import rearrange
+
+from tinyworlds.data.clips import ClipDataset, SplitConfig, VideoArrays, open_array
+from tinyworlds.errors import TinyWorldsError
+from tinyworlds.params import Layout, dataset_names, section
+from tinyworlds.training.device import pick_device
+from tinyworlds.training.loop import TrainConfig
+
+# Stores smaller than this are read into memory once: a clip is then a slice instead of a
+# chunk decode, which keeps the loader far ahead of training on a 2-core machine.
+PRELOAD_MAX_BYTES = 2 * 1024**3
+
+
+def build_train_config(params: dict[str, Any], stage_section: str) -> TrainConfig:
+    """The shared `train` section overlaid with `<stage_section>.train` (minus data-shape keys)."""
+    shared = dict(section(params, "train"))
+    shared.pop("device", None)
+    own = {k: v for k, v in dict(section(params, stage_section, "train")).items() if k != "clip_len"}
+    known = {f.name for f in fields(TrainConfig)}
+    unknown = sorted((set(shared) | set(own)) - known)
+    if unknown:
+        raise TinyWorldsError(f"params.yaml: unknown training setting(s) {unknown} in train / {stage_section}.train")
+    return TrainConfig(**{**shared, **own})
+
+
+def build_model_config(config_cls, params: dict[str, Any], stage_section: str, **derived):
+    """`<stage_section>.model` from params plus values derived from the data (frame size...)."""
+    given = dict(section(params, stage_section, "model"))
+    known = {f.name for f in fields(config_cls)}
+    unknown = sorted(set(given) - known)
+    if unknown:
+        raise TinyWorldsError(f"params.yaml: unknown {stage_section}.model setting(s) {unknown}; known: {sorted(known)}")
+    return config_cls(**{**given, **derived})
+
+
+def clip_len(params: dict[str, Any], stage_section: str) -> int:
+    return int(section(params, stage_section, "train", "clip_len"))
+
+
+def split_config(params: dict[str, Any]) -> SplitConfig:
+    return SplitConfig(**section(params, "data", "split"))
+
+
+def device_for(params: dict[str, Any]) -> torch.device:
+    return pick_device(str(params.get("train", {}).get("device", "auto")))
+
+
+def frame_store_shape(layout: Layout, names: list[str]) -> tuple[int, int]:
+    """(size, channels) shared by every frame store trained on together, or a clear error."""
+    shapes = {}
+    for name in names:
+        frames = open_array(layout.frames(name), "frames")
+        shapes[name] = tuple(frames.shape[1:])
+    if len(set(shapes.values())) != 1:
+        raise TinyWorldsError(f"datasets trained together must have the same frame shape; got {shapes}")
+    height, width, channels = next(iter(shapes.values()))
+    if height != width:
+        raise TinyWorldsError(f"frame stores must hold square frames; got {height}x{width}")
+    return height, channels
+
+
+def store_identity(path: Path) -> dict[str, Any]:
+    """What identifies a store's content cheaply: its length and its recorded provenance."""
+    import zarr
+
+    group = zarr.open_group(str(path), mode="r")
+    attrs = dict(group.attrs)
+    return {"path": str(path), "attrs": {k: attrs[k] for k in sorted(attrs) if "sha256" in k or k.startswith("tokenizer")},
+            "arrays": {name: list(array.shape) for name, array in group.arrays()}}
+
+
+def should_preload(videos: list[VideoArrays]) -> bool:
+    total = 0
+    for video in videos:
+        for path, name in video.fields.values():
+            array = open_array(path, name)
+            total += int(np.prod(array.shape)) * array.dtype.itemsize
+    return total <= PRELOAD_MAX_BYTES
+
+
+def clip_datasets(params: dict[str, Any], videos: list[VideoArrays], length: int) -> tuple[ClipDataset, ClipDataset]:
+    """Train and validation clips over `videos`, with the shared split and frame skip."""
+    skip = int(section(params, "data", "frame_skip"))
+    preload = should_preload(videos)
+    common = dict(clip_len=length, frame_skip=skip, split_config=split_config(params), preload=preload)
+    return ClipDataset(videos, split="train", **common), ClipDataset(videos, split="val", **common)
+
+
+def frame_videos(layout: Layout, names: list[str]) -> list[VideoArrays]:
+    return [VideoArrays(name, {"frames": (layout.frames(name), "frames")}) for name in names]
+
+
+
+def image_grid(rows: list[torch.Tensor]) -> np.ndarray:
+    """Rows of uint8 clips [T, C, H, W] -> one uint8 image [rows*H, T*W, 3] (gray -> RGB)."""
+    clips = torch.stack([r.detach().cpu() for r in rows])  # [R, T, C, H, W]
+    if clips.shape[2] == 1:
+        clips = clips.expand(-1, -1, 3, -1, -1)
+    return rearrange(clips, "r t c h w -> (r h) (t w) c").numpy()
+
+
+def open_tracking(stage: str, params: dict[str, Any], datasets: list[str], config: dict[str, Any]):
+    """The MLflow run of this stage (see tinyworlds.tracking), checked before training starts."""
+    from tinyworlds.tracking import StageRun
+
+    tracking = params.get("tracking", {}) or {}
+    return StageRun(
+        stage=stage,
+        config=config,
+        datasets=datasets,
+        experiment=tracking.get("experiment") or "tinyworlds",
+        tracking_uri=tracking.get("uri"),
+    )
+
+
+
+def resolved_config(**parts: Any) -> dict[str, Any]:
+    """A JSON-able dict of dataclass configs and plain values, for MLflow params and fingerprints."""
+    out = {}
+    for key, value in parts.items():
+        out[key] = asdict(value) if hasattr(value, "__dataclass_fields__") else value
+    return out
+
+
+def finish_training(stage: str, result, layout: Layout, run, model_dir: Path, extra: dict[str, float]) -> dict[str, float]:
+    """Write the trained model, the metrics JSON and the loss curve CSV; log them to MLflow."""
+    from tinyworlds.models.checkpoint import count_parameters, save_model
+    from tinyworlds.training.loop import write_history_csv, write_metrics_json
+
+    save_model(result.model, model_dir)
+    final = {**result.final, **extra, "steps": result.step, "parameters": count_parameters(result.model)}
+    final = {k: float(v) for k, v in final.items()}
+    write_metrics_json(final, layout.metrics(stage))
+    write_history_csv(result.history, layout.history(stage))
+    run.log_final(final)
+    run.log_artifact(model_dir / "config.json")
+    run.set_tags({"tinyworlds.model_dir": str(model_dir), "tinyworlds.resumed_from_step": str(result.resumed_from)})
+    return final

@@ -1,0 +1,94 @@
+"""Stage `train_dynamics`: MaskGIT dynamics on the cached tokens and latent actions.
+
+The loop reads only data/tokens and data/latent_actions: neither the tokenizer nor the LAM
+runs inside it. The tokenizer is loaded once, outside the loop, to turn preview predictions
+into images for MLflow.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tinyworlds.data.clips import VideoArrays
+from tinyworlds.errors import TinyWorldsError
+from tinyworlds.models.checkpoint import load_model
+from tinyworlds.models.dynamics import DynamicsConfig, DynamicsModel
+from tinyworlds.models.pixels import to_uint8
+from tinyworlds.params import Layout, dataset_names, section
+from tinyworlds.training import common
+from tinyworlds.training.loop import Trainer, fingerprint
+
+STAGE = "train_dynamics"
+
+
+def dynamics_loss(model: DynamicsModel, batch: dict[str, torch.Tensor]):
+    return model.loss(batch["tokens"], batch["actions"])
+
+
+def token_videos(layout: Layout, names: list[str]) -> list[VideoArrays]:
+    return [
+        VideoArrays(name, {"tokens": (layout.tokens(name), "tokens"), "actions": (layout.latent_actions(name), "actions")})
+        for name in names
+    ]
+
+
+def cache_facts(layout: Layout, names: list[str]) -> dict[str, int]:
+    """vocab_size, num_patches and num_actions, read from the caches and checked to agree."""
+    import zarr
+
+    facts = {}
+    for name in names:
+        tokens = dict(zarr.open_group(str(layout.tokens(name)), mode="r").attrs)
+        actions = dict(zarr.open_group(str(layout.latent_actions(name)), mode="r").attrs)
+        found = {"vocab_size": tokens["vocab_size"], "num_patches": tokens["num_patches"], "num_actions": actions["num_actions"]}
+        if facts and found != facts:
+            raise TinyWorldsError(f"{name}: token/action caches disagree with the other datasets ({found} vs {facts})")
+        facts = found
+    return facts
+
+
+def train_dynamics(params: dict[str, Any], root: Path = Path(".")) -> dict[str, float]:
+    layout = Layout(root)
+    names = dataset_names(params)
+    length = common.clip_len(params, "dynamics")
+    model_config = common.build_model_config(
+        DynamicsConfig, params, "dynamics", max_frames=length, **cache_facts(layout, names)
+    )
+    train_config = common.build_train_config(params, "dynamics")
+    device = common.device_for(params)
+    train_set, val_set = common.clip_datasets(params, token_videos(layout, names), length)
+    config = common.resolved_config(model=model_config, train=train_config, data=section(params, "data"), device=str(device))
+    identities = [common.store_identity(p) for n in names for p in (layout.tokens(n), layout.latent_actions(n))]
+    state_fingerprint = fingerprint(config, identities)
+
+    torch.manual_seed(train_config.seed)
+    model = DynamicsModel(model_config)
+    tokenizer = load_model(layout.model("tokenizer"), device=device).eval()
+    picks = torch.linspace(0, max(len(val_set) - 1, 0), 4).long().unique().tolist() if len(val_set) else []
+    preview = [val_set[i] for i in picks]
+
+    with common.open_tracking(STAGE, params, names, config) as run:
+
+        def show_predictions(model: DynamicsModel, step: int) -> None:
+            if not preview:
+                return
+            tokens = torch.stack([p["tokens"] for p in preview]).to(device)  # [R, T, P]
+            actions = torch.stack([p["actions"] for p in preview]).to(device)  # [R, T-1]
+            # Predict the last frame from the others, with the action the LAM saw there.
+            predicted = model.generate(tokens[:, :-1], actions[:, -1:], context_actions=actions[:, :-1],
+                                       steps=8, temperature=0.0)  # [R, 1, P]
+            truth = to_uint8(tokenizer.decode(tokens))  # [R, T, C, H, W]
+            guess = to_uint8(tokenizer.decode(torch.cat([tokens[:, :-1], predicted], dim=1)))
+            rows = [r for pair in zip(truth, guess) for r in pair]
+            run.log_image(common.image_grid(rows), f"predictions/step_{step:06d}.png")
+
+        trainer = Trainer(
+            STAGE, model, dynamics_loss, train_set, val_set, train_config, device,
+            layout.train_state(STAGE), state_fingerprint,
+            log=run.log_metrics, on_validate=show_predictions, tokens_per_item=length * model_config.num_patches,
+        )
+        result = trainer.fit()
+        return common.finish_training(STAGE, result, layout, run, layout.model("dynamics"), {})

@@ -1,0 +1,86 @@
+"""Stage `train_tokenizer`: the FSQ-VAE video tokenizer on the frames of `data.train_on`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tinyworlds.evaluation.metrics import finite_mean, psnr
+from tinyworlds.models.fsq import id_usage, perplexity
+from tinyworlds.models.pixels import to_model, to_uint8
+from tinyworlds.models.tokenizer import TokenizerConfig, VideoTokenizer
+from tinyworlds.params import Layout, dataset_names, section
+from tinyworlds.training import common
+from tinyworlds.training.loop import Trainer, fingerprint
+
+STAGE = "train_tokenizer"
+
+
+def tokenizer_loss(model: VideoTokenizer, batch: dict[str, torch.Tensor]):
+    return model.loss(to_model(batch["frames"]))
+
+
+def preview_clips(dataset, count: int = 4) -> torch.Tensor:
+    """`count` evenly spaced validation clips, uint8 [R, T, C, H, W], for image grids."""
+    picks = torch.linspace(0, len(dataset) - 1, count).long().unique().tolist()
+    return torch.stack([dataset[i]["frames"] for i in picks])
+
+
+@torch.no_grad()
+def reconstruction_metrics(model: VideoTokenizer, dataset, device, batch_size: int, max_batches: int = 16) -> dict[str, float]:
+    """Validation PSNR (dB, uint8 scale) and codebook usage of the tokens."""
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    scores, usage = [], torch.zeros(model.vocab_size, device=device)
+    for i, batch in enumerate(loader):
+        if i >= max_batches:
+            break
+        frames = batch["frames"].to(device)  # [B, T, C, H, W] uint8
+        reconstruction, tokens = model(to_model(frames))
+        scores.append(psnr(to_uint8(reconstruction), frames, dims=(2, 3, 4)).flatten())
+        usage += id_usage(tokens, model.vocab_size) * tokens.numel()
+    fractions = usage / usage.sum().clamp(min=1)
+    return {
+        "val_psnr": finite_mean(torch.cat(scores)) if scores else float("nan"),
+        "codebook_used": float((fractions > 0).float().mean()),
+        "codebook_perplexity": float(perplexity(fractions)),
+    }
+
+
+def train_tokenizer(params: dict[str, Any], root: Path = Path(".")) -> dict[str, float]:
+    layout = Layout(root)
+    names = dataset_names(params)
+    size, channels = common.frame_store_shape(layout, names)
+    length = common.clip_len(params, "tokenizer")
+    model_config = common.build_model_config(
+        TokenizerConfig, params, "tokenizer", frame_size=size, channels=channels, max_frames=length
+    )
+    train_config = common.build_train_config(params, "tokenizer")
+    device = common.device_for(params)
+    train_set, val_set = common.clip_datasets(params, common.frame_videos(layout, names), length)
+    config = common.resolved_config(model=model_config, train=train_config, data=section(params, "data"), device=str(device))
+    state_fingerprint = fingerprint(config, [common.store_identity(layout.frames(n)) for n in names])
+
+    torch.manual_seed(train_config.seed)
+    model = VideoTokenizer(model_config)
+    preview = preview_clips(val_set).to(device) if len(val_set) else None
+
+    with common.open_tracking(STAGE, params, names, config) as run:
+
+        def show_reconstructions(model: VideoTokenizer, step: int) -> None:
+            if preview is None:
+                return
+            reconstruction, _ = model(to_model(preview))
+            rows = [row for pair in zip(preview, to_uint8(reconstruction)) for row in pair]  # truth, recon, ...
+            run.log_image(common.image_grid(rows), f"reconstructions/step_{step:06d}.png")
+
+        trainer = Trainer(
+            STAGE, model, tokenizer_loss, train_set, val_set, train_config, device,
+            layout.train_state(STAGE), state_fingerprint,
+            log=run.log_metrics, on_validate=show_reconstructions, tokens_per_item=length * model.num_patches,
+        )
+        result = trainer.fit()
+        result.model.eval()
+        extra = reconstruction_metrics(result.model, val_set, device, train_config.batch_size)
+        return common.finish_training(STAGE, result, layout, run, layout.model("tokenizer"), extra)
