@@ -1,0 +1,220 @@
+import pytest
+import torch
+
+from tinyworlds.errors import TinyWorldsError
+from tinyworlds.models import MASK_SCHEDULES, DynamicsConfig, DynamicsModel
+from tinyworlds.models.dynamics import uniform_noise
+
+V, P, A = 32, 16, 4
+TINY = dict(vocab_size=V, num_patches=P, num_actions=A, embed_dim=32, num_heads=2, num_blocks=2, max_frames=4)
+
+
+def tiny_dynamics(**overrides) -> DynamicsModel:
+    torch.manual_seed(0)
+    return DynamicsModel(DynamicsConfig(**{**TINY, **overrides})).eval()
+
+
+def random_clip(batch=4, frames=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, V, (batch, frames, P), generator=g), torch.randint(0, A, (batch, frames - 1), generator=g)
+
+
+def test_logits_shape():
+    tokens, actions = random_clip()
+    assert tiny_dynamics()(tokens, actions).shape == (4, 4, P, V)
+
+
+def test_logits_are_causal_in_time():
+    model = tiny_dynamics()
+    tokens, actions = random_clip()
+    logits = model(tokens, actions)
+    later_tokens = tokens.clone()
+    later_tokens[:, 2] = (later_tokens[:, 2] + 1) % V
+    assert torch.allclose(model(later_tokens, actions)[:, :2], logits[:, :2], atol=1e-5)
+    later_action = actions.clone()
+    later_action[:, 1] = (later_action[:, 1] + 1) % A  # the action into frame 2
+    changed = model(tokens, later_action)
+    assert torch.allclose(changed[:, :2], logits[:, :2], atol=1e-5)
+    # conditioning acts from step one: frame 2's logits follow its action
+    assert not torch.allclose(changed[:, 2], logits[:, 2], atol=1e-3)
+
+
+def test_mask_count_is_exact_per_frame():
+    model = tiny_dynamics(mask_ratio_min=0.5, mask_ratio_max=0.5)
+    _, metrics = model.loss(*random_clip())
+    # ceil(0.5 * 16) = 8 of the 16 tokens in each of frames 1..3; frame 0 is not counted
+    assert metrics["mask_ratio"].item() == pytest.approx(0.5)
+    _, metrics = tiny_dynamics(mask_ratio_min=0.01, mask_ratio_max=0.01).loss(*random_clip())
+    assert metrics["mask_ratio"].item() == pytest.approx(1 / 16)  # at least one target per frame
+
+
+def test_loss_ignores_frame_zero_and_unmasked_targets():
+    model = tiny_dynamics(mask_ratio_min=1.0, mask_ratio_max=1.0, action_dropout=0.0)
+    tokens, actions = random_clip()
+    torch.manual_seed(0)
+    loss, _ = model.loss(tokens, actions)
+    # with everything masked, the loss is the mean CE of frames 1..3 given frame 0
+    inputs = tokens.clone()
+    inputs[:, 1:] = V
+    logits = model(inputs, actions)[:, 1:]
+    expected = torch.nn.functional.cross_entropy(logits.reshape(-1, V), tokens[:, 1:].reshape(-1))
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_overfits_a_fixed_batch():
+    model = tiny_dynamics().train()
+    tokens, actions = random_clip()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    torch.manual_seed(0)
+    first, _ = model.loss(tokens, actions)
+    for _ in range(120):
+        loss, metrics = model.loss(tokens, actions)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < first.item() / 10
+    assert metrics["masked_accuracy"] > 0.9
+
+
+def test_loss_backward_under_bf16_autocast():
+    model = tiny_dynamics().train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, metrics = model.loss(*random_clip())
+    loss.backward()
+    assert torch.isfinite(loss) and 0 <= metrics["masked_accuracy"] <= 1
+    assert model.action_embed.weight.grad.abs().sum() > 0
+
+
+def test_compiled_loss_has_no_graph_breaks_and_matches_eager():
+    # Full masking and no action dropout make the loss independent of the random draws, which
+    # inductor makes with its own generator.
+    model = tiny_dynamics(num_blocks=1, mask_ratio_min=1.0, action_dropout=0.0).train()
+    tokens, actions = random_clip()
+    eager, _ = model.loss(tokens, actions)
+    compiled = torch.compile(model.loss, fullgraph=True)  # fullgraph: a host sync would fail here
+    loss, _ = compiled(tokens, actions)
+    loss.backward()
+    assert loss.item() == pytest.approx(eager.item(), rel=1e-4)
+    assert model.head.weight.grad.abs().sum() > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# generation
+
+
+def test_generate_gives_valid_tokens_and_leaves_the_context_alone():
+    model = tiny_dynamics()
+    context, context_actions = random_clip(batch=2, frames=2)
+    kept = context.clone()
+    new = model.generate(context, torch.randint(0, A, (2, 3)), context_actions=context_actions, steps=4)
+    assert new.shape == (2, 3, P) and new.dtype == torch.long
+    assert new.min() >= 0 and new.max() < V
+    assert torch.equal(context, kept)
+
+
+def test_generate_is_deterministic_per_seed():
+    model = tiny_dynamics()
+    context, _ = random_clip(batch=2, frames=2)
+    actions = torch.randint(0, A, (2, 2))
+    first = model.generate(context, actions, steps=4, seed=7)
+    assert torch.equal(first, model.generate(context, actions, steps=4, seed=7))
+    assert not torch.equal(first, model.generate(context, actions, steps=4, seed=8))
+
+
+def test_batched_generation_equals_per_sample_generation():
+    model = tiny_dynamics()
+    context, context_actions = random_clip(batch=3, frames=2)
+    actions = torch.randint(0, A, (3, 2))
+    seeds = torch.tensor([11, 5, 11])
+    batched = model.generate(context, actions, context_actions=context_actions, steps=3, seed=seeds)
+    alone = torch.cat([
+        model.generate(context[i:i + 1], actions[i:i + 1], context_actions=context_actions[i:i + 1], steps=3,
+                       seed=int(seeds[i]))
+        for i in range(3)
+    ])
+    assert torch.equal(batched, alone)
+    # an int seed gives sample i the seed seed + i
+    from_int = model.generate(context, actions, context_actions=context_actions, steps=3, seed=4)
+    assert torch.equal(from_int[1:2], model.generate(context[1:2], actions[1:2], context_actions=context_actions[1:2],
+                                                     steps=3, seed=5))
+
+
+@pytest.mark.parametrize("schedule", sorted(MASK_SCHEDULES))
+def test_every_schedule_unmasks_the_whole_frame(schedule):
+    model = tiny_dynamics()
+    assert MASK_SCHEDULES[schedule](1.0) == pytest.approx(0.0, abs=1e-9)
+    context, _ = random_clip(batch=2, frames=1)
+    for steps in (1, 5):
+        new = model.generate(context, torch.zeros(2, 2, dtype=torch.long), steps=steps, schedule=schedule)
+        assert new.shape == (2, 2, P) and new.max() < V
+
+
+def test_short_context_and_rollouts_past_the_window():
+    model = tiny_dynamics()  # max_frames 4
+    context, _ = random_clip(batch=2, frames=1)
+    new = model.generate(context, torch.randint(0, A, (2, 6)), steps=2)
+    assert new.shape == (2, 6, P) and new.max() < V
+    long_context, long_actions = random_clip(batch=1, frames=6)
+    assert model.generate(long_context, torch.zeros(1, 1, dtype=torch.long), context_actions=long_actions,
+                          steps=2).shape == (1, 1, P)
+
+
+def test_greedy_generation_ignores_the_seed():
+    model = tiny_dynamics()
+    context, _ = random_clip(batch=2, frames=2)
+    actions = torch.randint(0, A, (2, 2))
+    greedy = model.generate(context, actions, temperature=0, seed=1)
+    assert torch.equal(greedy, model.generate(context, actions, temperature=0, seed=2))
+
+
+def test_generation_follows_the_model():
+    model = tiny_dynamics()
+    with torch.no_grad():  # make the model certain of token 3 everywhere
+        model.head.weight.zero_()
+        model.head.bias.zero_()
+        model.head.bias[3] = 50.0
+    context, _ = random_clip(batch=2, frames=1)
+    assert (model.generate(context, torch.zeros(2, 2, dtype=torch.long), steps=3) == 3).all()
+
+
+def test_noise_is_uniform_and_depends_on_each_key():
+    seeds = torch.tensor([0, 1, 2**40 + 3, -5])
+    u = uniform_noise(seeds, 0, 0, 4096)
+    assert u.shape == (4, 4096) and 0 < u.min() and u.max() < 1
+    assert abs(u.mean().item() - 0.5) < 0.02
+    assert torch.unique(u).numel() > 4 * 4096 * 0.99
+    assert not torch.equal(uniform_noise(seeds, 1, 0, 8), uniform_noise(seeds, 0, 1, 8))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"schedule": "halton"}, "schedule='halton'"),
+        ({"steps": 0}, "steps=0"),
+        ({"temperature": -1.0}, "temperature=-1.0"),
+        ({"seed": torch.tensor([1, 2, 3])}, "seed tensor"),
+        ({"context_actions": torch.zeros(2, 5, dtype=torch.long)}, "context_actions has shape"),
+    ],
+)
+def test_generate_argument_errors(kwargs, message):
+    context, _ = random_clip(batch=2, frames=2)
+    with pytest.raises(TinyWorldsError, match=message):
+        tiny_dynamics().generate(context, torch.zeros(2, 1, dtype=torch.long), **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"num_patches": 15}, "DynamicsConfig.num_patches=15: must be a square number"),
+        ({"mask_ratio_min": 0.0}, "DynamicsConfig.mask_ratio_min=0.0: must be in (0.0, 1.0]"),
+        ({"mask_ratio_min": 0.8, "mask_ratio_max": 0.6}, "DynamicsConfig.mask_ratio_max=0.6: must be >= mask_ratio_min"),
+        ({"vocab_size": 1}, "DynamicsConfig.vocab_size=1"),
+        ({"max_frames": 1}, "DynamicsConfig.max_frames=1"),
+        ({"action_dropout": 1.0}, "DynamicsConfig.action_dropout=1.0"),
+        ({"num_heads": 5}, "DynamicsConfig.num_heads=5"),
+    ],
+)
+def test_config_errors_name_the_field(overrides, message):
+    with pytest.raises(TinyWorldsError) as err:
+        DynamicsConfig(**{**TINY, **overrides})
+    assert str(err.value).startswith(message)

@@ -1,0 +1,141 @@
+import pytest
+import torch
+
+from tinyworlds.errors import TinyWorldsError
+from tinyworlds.models import LatentActionConfig, LatentActionModel
+
+TINY = dict(frame_size=16, patch_size=4, embed_dim=32, num_heads=2, encoder_blocks=1, decoder_blocks=1,
+            levels=(2, 2), max_frames=4)
+MOVES = torch.tensor([[0, 4], [0, -4], [4, 0], [-4, 0]])  # (dy, dx) per true action
+
+
+def tiny_lam(**overrides) -> LatentActionModel:
+    torch.manual_seed(0)
+    return LatentActionModel(LatentActionConfig(**{**TINY, **overrides}))
+
+
+def moving_squares(batch=8, frames=4, size=16, square=6, seed=0) -> torch.Tensor:
+    """Clips [B, T, 3, size, size] in [-1, 1] of a coloured square that each step moves by
+    one of four random moves (wrapping around)."""
+    g = torch.Generator().manual_seed(seed)
+    moves = MOVES[torch.randint(0, 4, (batch, frames - 1), generator=g)]  # [B, T-1, 2]
+    start = torch.randint(0, size, (batch, 1, 2), generator=g)
+    corner = torch.cat([start, start + moves.cumsum(1)], dim=1)  # [B, T, 2]
+    pixels = torch.arange(size)
+    rows = (pixels - corner[..., :1]) % size < square  # [B, T, H]
+    cols = (pixels - corner[..., 1:]) % size < square  # [B, T, W]
+    inside = rows[..., :, None] & cols[..., None, :]  # [B, T, H, W]
+    color = torch.rand(batch, 1, 3, 1, 1, generator=g) * 2 - 1
+    return torch.where(inside[:, :, None], color, torch.tensor(-1.0))  # [B, T, 3, H, W]
+
+
+def test_infer_gives_one_action_per_transition():
+    model = tiny_lam()
+    assert model.num_actions == 4
+    ids = model.infer(moving_squares())
+    assert ids.shape == (8, 3) and ids.dtype == torch.long
+    assert ids.min() >= 0 and ids.max() < 4
+
+
+def test_encoder_is_causal_in_time():
+    model = tiny_lam()
+    frames = moving_squares()
+    changed = frames.clone()
+    changed[:, 2] = torch.rand_like(changed[:, 2])
+    z, z_changed = model.latents(frames), model.latents(changed)  # [B, T-1, L]; z[:, j] is j -> j+1
+    assert torch.allclose(z[:, :1], z_changed[:, :1], atol=1e-6)
+    assert not torch.allclose(z[:, 1], z_changed[:, 1], atol=1e-4)
+
+
+def test_decoder_is_causal_and_reads_the_action():
+    model = tiny_lam()
+    frames = moving_squares()[:, :3]
+    codes = torch.tensor([-1.0, 1.0]).expand(8, 3, 2)
+    pred = model.predict(frames, codes)
+    changed = frames.clone()
+    changed[:, 2] = 1.0
+    assert torch.allclose(pred[:, :2], model.predict(changed, codes)[:, :2], atol=1e-6)
+    other_codes = codes.clone()
+    other_codes[:, 1] = torch.tensor([1.0, -1.0])
+    other = model.predict(frames, other_codes)
+    assert torch.allclose(pred[:, 0], other[:, 0], atol=1e-6)
+    assert not torch.allclose(pred[:, 1], other[:, 1], atol=1e-4)
+
+
+def test_masking_spares_the_anchor_frame():
+    model = tiny_lam()
+    frames = moving_squares()[:, :3]
+    codes = torch.ones(8, 3, 2)
+    torch.manual_seed(1)
+    masked = model.predict(frames, codes, mask_ratio=0.9)
+    plain = model.predict(frames, codes)
+    # position 0 sees only frame 0 (causal), which is never masked
+    assert torch.allclose(masked[:, 0], plain[:, 0], atol=1e-6)
+    assert not torch.allclose(masked[:, 1:], plain[:, 1:], atol=1e-3)
+
+
+def test_loss_falls_and_reports_action_usage():
+    model = tiny_lam()
+    frames = moving_squares()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    torch.manual_seed(0)
+    first, metrics = model.loss(frames)
+    assert metrics["action_usage"].shape == (4,)
+    assert metrics["action_usage"].sum().item() == pytest.approx(1.0)
+    for _ in range(60):
+        loss, metrics = model.loss(frames)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < first.item() / 4
+    assert metrics["recon_mse"] < 0.25
+    assert 1.0 <= metrics["action_perplexity"] <= 4.0
+
+
+def test_variance_hinge_spreads_a_collapsed_latent():
+    model = tiny_lam(variance_weight=10.0)
+    frames = moving_squares(batch=16)
+    _, before = model.loss(frames)
+    assert before["latent_std"] < 0.2  # mean pooling makes the fresh encoder nearly constant
+    assert before["variance_penalty"] > 0.3
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(30):
+        loss, metrics = model.loss(frames)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert metrics["latent_std"] > 2 * before["latent_std"]
+    assert metrics["variance_penalty"] < before["variance_penalty"]
+
+
+def test_loss_backward_under_bf16_autocast():
+    model = tiny_lam()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, _ = model.loss(moving_squares())
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert model.to_latent.weight.grad.abs().sum() > 0  # the encoder learns through FSQ
+    assert model.mask_token.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"levels": (2,)}, "LatentActionConfig.levels=(2,): gives 2 actions; must give 4 to 16"),
+        ({"levels": (2, 2, 2, 2, 2)}, "LatentActionConfig.levels=(2, 2, 2, 2, 2): gives 32 actions"),
+        ({"mask_ratio": 1.0}, "LatentActionConfig.mask_ratio=1.0"),
+        ({"mask_ratio": -0.1}, "LatentActionConfig.mask_ratio=-0.1: must be in [0.0, 1.0]"),
+        ({"variance_weight": -1.0}, "LatentActionConfig.variance_weight=-1.0"),
+        ({"patch_size": 3}, "LatentActionConfig.patch_size=3: frame_size 16 is not divisible by it"),
+        ({"max_frames": 1}, "LatentActionConfig.max_frames=1"),
+    ],
+)
+def test_config_errors_name_the_field(overrides, message):
+    with pytest.raises(TinyWorldsError) as err:
+        LatentActionConfig(**{**TINY, **overrides})
+    assert str(err.value).startswith(message)
+
+
+def test_single_frame_clip_is_a_clear_error():
+    with pytest.raises(TinyWorldsError, match=">= 2 frames"):
+        tiny_lam().loss(moving_squares()[:, :1])

@@ -1,0 +1,124 @@
+import pytest
+import torch
+
+from tinyworlds.errors import TinyWorldsError
+from tinyworlds.models import TokenizerConfig, VideoTokenizer, to_model, to_uint8
+
+TINY = dict(frame_size=16, patch_size=4, embed_dim=32, num_heads=2, encoder_blocks=1, decoder_blocks=1,
+            levels=(5, 5, 5), max_frames=4)
+
+
+def tiny_tokenizer(**overrides) -> VideoTokenizer:
+    torch.manual_seed(0)
+    return VideoTokenizer(TokenizerConfig(**{**TINY, **overrides}))
+
+
+def blocky_frames(batch=4, frames=4, seed=0) -> torch.Tensor:
+    """Frames [B, T, 3, 16, 16] in [-1, 1] made of 4x4 flat blocks: learnable per patch."""
+    g = torch.Generator().manual_seed(seed)
+    coarse = torch.rand(batch, frames, 3, 4, 4, generator=g) * 2 - 1
+    return coarse.repeat_interleave(4, dim=-1).repeat_interleave(4, dim=-2)
+
+
+def test_encode_decode_shapes_and_ids():
+    model = tiny_tokenizer()
+    frames = blocky_frames()
+    assert model.vocab_size == 125 and model.num_patches == 16
+    tokens = model.encode(frames)
+    assert tokens.shape == (4, 4, 16) and tokens.dtype == torch.long
+    assert tokens.min() >= 0 and tokens.max() < 125
+    recon, forward_tokens = model(frames)
+    assert recon.shape == frames.shape
+    assert torch.equal(forward_tokens, tokens)
+    assert torch.allclose(model.decode(tokens), recon, atol=1e-5)
+
+
+def test_tokens_and_decoding_are_causal_in_time():
+    model = tiny_tokenizer()
+    frames = blocky_frames()
+    changed = frames.clone()
+    changed[:, 2] = -changed[:, 2]
+    z, z_changed = model.latents(frames), model.latents(changed)  # [B, T, P, L]
+    assert torch.allclose(z[:, :2], z_changed[:, :2], atol=1e-6)
+    assert not torch.allclose(z[:, 2], z_changed[:, 2], atol=1e-3)
+    assert torch.equal(model.encode(frames)[:, :2], model.encode(changed)[:, :2])
+    tokens = model.encode(frames)
+    other = tokens.clone()
+    other[:, 3] = (other[:, 3] + 1) % model.vocab_size
+    assert torch.allclose(model.decode(tokens)[:, :3], model.decode(other)[:, :3], atol=1e-6)
+
+
+def test_a_frames_tokens_depend_on_that_frame_alone():
+    """What makes the per-frame token cache exact: neither the other frames of the clip nor
+    the frame's position in it change its tokens."""
+    model = tiny_tokenizer()
+    frames = blocky_frames()  # [B, T, C, H, W]
+    changed = frames.clone()
+    changed[:, 1] = -changed[:, 1]
+    assert torch.equal(model.encode(frames)[:, 2:], model.encode(changed)[:, 2:])
+    one_at_a_time = torch.cat([model.encode(frames[:, t : t + 1]) for t in range(frames.shape[1])], dim=1)
+    assert torch.equal(model.encode(frames), one_at_a_time)
+
+
+def test_overfits_a_fixed_batch():
+    model = tiny_tokenizer()
+    frames = blocky_frames()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    first, _ = model.loss(frames)
+    for _ in range(150):
+        loss, metrics = model.loss(frames)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert metrics["mse"] < first.item() / 10
+    assert metrics["psnr"] > 15
+    assert 0 < metrics["codebook_usage"] <= 1
+
+
+def test_loss_backward_under_bf16_autocast():
+    model = tiny_tokenizer()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, metrics = model.loss(blocky_frames())
+    loss.backward()
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    assert model.patch_embed.weight.grad.abs().sum() > 0
+    assert all(not v.requires_grad for v in metrics.values())
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"patch_size": 5}, "TokenizerConfig.patch_size=5: frame_size 16 is not divisible by it"),
+        ({"levels": (8, 1)}, "TokenizerConfig.levels=(8, 1)"),
+        ({"levels": ()}, "TokenizerConfig.levels=()"),
+        ({"embed_dim": 30}, "TokenizerConfig.embed_dim=30"),
+        ({"num_heads": 3}, "TokenizerConfig.num_heads=3: embed_dim 32 is not divisible by it"),
+        ({"encoder_blocks": 0}, "TokenizerConfig.encoder_blocks=0: must be >= 1"),
+        ({"frame_size": 16.0}, "TokenizerConfig.frame_size=16.0: must be a whole number"),
+    ],
+)
+def test_config_errors_name_the_field(overrides, message):
+    with pytest.raises(TinyWorldsError) as err:
+        TokenizerConfig(**{**TINY, **overrides})
+    assert str(err.value).startswith(message)
+
+
+def test_levels_from_json_lists_become_tuples():
+    assert TokenizerConfig(**{**TINY, "levels": [4, 4]}).levels == (4, 4)
+
+
+def test_clip_longer_than_max_frames_is_a_clear_error():
+    with pytest.raises(TinyWorldsError, match="max_frames=4"):
+        tiny_tokenizer().encode(blocky_frames(frames=5))
+
+
+def test_pixel_conversion_round_trips():
+    pixels = torch.arange(256, dtype=torch.uint8).reshape(1, 1, 16, 16).expand(2, 3, 16, 16)
+    model_input = to_model(pixels)
+    assert model_input.dtype == torch.float32
+    assert model_input.min() == -1 and model_input.max() == 1
+    assert torch.equal(to_uint8(model_input), pixels)
+    assert torch.equal(to_uint8(torch.tensor([-3.0, 0.0, 3.0])), torch.tensor([0, 128, 255], dtype=torch.uint8))
+    with pytest.raises(TinyWorldsError, match="uint8"):
+        to_model(model_input)

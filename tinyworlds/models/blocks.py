@@ -1,0 +1,222 @@
+"""Building blocks shared by the three models: attention, SwiGLU, the space-time block with
+optional FiLM conditioning, sinusoidal positions, patchify, and config validation helpers.
+
+Dimension keys: B batch, T time, C channels, H/W pixels, S patch size, Hp/Wp patch grid,
+P patches per frame (Hp * Wp), E embedding, E_c conditioning width.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange, repeat
+from torch import Tensor, nn
+
+from tinyworlds.errors import TinyWorldsError
+
+# ---------------------------------------------------------------------------------------------
+# config validation
+
+
+def check(config: object, field: str, ok: bool, reason: str) -> None:
+    """Raise a one-line TinyWorldsError naming `Config.field=value` unless `ok`."""
+    if not ok:
+        value = getattr(config, field)
+        raise TinyWorldsError(f"{type(config).__name__}.{field}={value!r}: {reason}")
+
+
+def check_positive_ints(config: object, *fields: str) -> None:
+    for field in fields:
+        value = getattr(config, field)
+        check(config, field, isinstance(value, int) and not isinstance(value, bool), "must be a whole number")
+        check(config, field, value >= 1, "must be >= 1")
+
+
+def check_attention(config: object) -> None:
+    """embed_dim must split into num_heads heads and into the 4 parts of a 2D sin/cos position code."""
+    check_positive_ints(config, "embed_dim", "num_heads")
+    check(config, "embed_dim", config.embed_dim % 4 == 0, "must be divisible by 4 (2D sinusoidal positions)")
+    check(config, "num_heads", config.embed_dim % config.num_heads == 0,
+          f"embed_dim {config.embed_dim} is not divisible by it")
+
+
+def check_frames(config: object) -> None:
+    """frame_size, channels and patch_size of a model that reads pixels."""
+    check_positive_ints(config, "frame_size", "channels", "patch_size")
+    check(config, "patch_size", config.frame_size % config.patch_size == 0,
+          f"frame_size {config.frame_size} is not divisible by it")
+
+
+def check_fraction(config: object, field: str, low: float, high: float, *, include_low: bool = True) -> None:
+    value = getattr(config, field)
+    check(config, field, isinstance(value, (int, float)) and not isinstance(value, bool), "must be a number")
+    inside = (low <= value if include_low else low < value) and value <= high
+    check(config, field, inside, f"must be in {'[' if include_low else '('}{low}, {high}]")
+
+
+# ---------------------------------------------------------------------------------------------
+# pixels <-> patches
+
+
+def patchify(frames: Tensor, patch_size: int) -> Tensor:
+    """Frames [B, T, C, H, W] -> patches [B, T, P, S*S*C] in row-major patch order."""
+    return rearrange(frames, "b t c (hp s1) (wp s2) -> b t (hp wp) (s1 s2 c)", s1=patch_size, s2=patch_size)  # [B, T, P, S*S*C]
+
+
+def unpatchify(patches: Tensor, patch_size: int, grid: int) -> Tensor:
+    """Patches [B, T, P, S*S*C] -> frames [B, T, C, H, W] for a square Hp = Wp = grid."""
+    return rearrange(
+        patches, "b t (hp wp) (s1 s2 c) -> b t c (hp s1) (wp s2)", hp=grid, s1=patch_size, s2=patch_size
+    )  # [B, T, C, H, W]
+
+
+# ---------------------------------------------------------------------------------------------
+# positions
+
+
+def sincos_1d(length: int, dim: int) -> Tensor:
+    """Fixed sinusoidal code [length, dim] (sin half, cos half) for positions 0..length-1."""
+    freqs = torch.exp(torch.arange(dim // 2, dtype=torch.float64) * (-math.log(10000.0) * 2 / dim))  # [dim/2]
+    angles = torch.outer(torch.arange(length, dtype=torch.float64), freqs)  # [length, dim/2]
+    return torch.cat([angles.sin(), angles.cos()], dim=-1).float()  # [length, dim]
+
+
+def sincos_2d(grid: int, dim: int) -> Tensor:
+    """Fixed 2D sinusoidal code [P, dim] for a square patch grid: rows in one half, columns in the other."""
+    rows = repeat(sincos_1d(grid, dim // 2), "hp e -> hp wp e", wp=grid)  # [Hp, Wp, E/2]
+    cols = repeat(sincos_1d(grid, dim // 2), "wp e -> hp wp e", hp=grid)  # [Hp, Wp, E/2]
+    return rearrange(torch.cat([rows, cols], dim=-1), "hp wp e -> (hp wp) e")  # [P, E]
+
+
+# ---------------------------------------------------------------------------------------------
+# layers
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention over the middle axis of [N, L, E] via fused SDPA kernels."""
+
+    def __init__(self, embed_dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(embed_dim, 3 * embed_dim)
+        self.proj = nn.Linear(embed_dim, embed_dim)
+
+    def forward(self, x: Tensor, *, causal: bool) -> Tensor:
+        q, k, v = rearrange(self.qkv(x), "n l (three h d) -> three n h l d", three=3, h=self.num_heads)  # [N, h, L, d] each
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # [N, h, L, d]
+        return self.proj(rearrange(y, "n h l d -> n l (h d)"))  # [N, L, E]
+
+
+def swiglu_hidden(embed_dim: int) -> int:
+    # 8/3 E keeps SwiGLU's parameter count equal to a 4E GELU MLP; round to 32 for GEMM tiles.
+    return 32 * math.ceil(8 * embed_dim / 3 / 32)
+
+
+class SwiGLU(nn.Module):
+    """Gated feed-forward: W_out(silu(gate) * value)."""
+
+    def __init__(self, embed_dim: int, hidden_dim: int | None = None):
+        super().__init__()
+        hidden_dim = hidden_dim or swiglu_hidden(embed_dim)
+        self.w_in = nn.Linear(embed_dim, 2 * hidden_dim)
+        self.w_out = nn.Linear(hidden_dim, embed_dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        value, gate = self.w_in(x).chunk(2, dim=-1)
+        return self.w_out(F.silu(gate) * value)
+
+
+class SpaceTimeBlock(nn.Module):
+    """Pre-norm block on [B, T, P, E]: attention among the P patches of each frame, then across
+    the T frames of each patch position (causal by default), then SwiGLU.
+
+    With `cond_dim`, each of the three norms is followed by FiLM, x * (1 + gamma) + beta, with
+    gamma and beta projected from a per-frame conditioning vector [B, T, E_c].
+    With `temporal=False` the time attention is left out: every frame is processed alone.
+    """
+
+    def __init__(
+        self, embed_dim: int, num_heads: int, *, causal: bool = True, temporal: bool = True, cond_dim: int | None = None
+    ):
+        super().__init__()
+        self.causal, self.temporal = causal, temporal
+        self.norm_space = nn.RMSNorm(embed_dim)
+        self.attn_space = Attention(embed_dim, num_heads)
+        if temporal:
+            self.norm_time = nn.RMSNorm(embed_dim)
+            self.attn_time = Attention(embed_dim, num_heads)
+        self.norm_mlp = nn.RMSNorm(embed_dim)
+        self.mlp = SwiGLU(embed_dim)
+        self.film = None
+        if cond_dim is not None:
+            self.film = nn.Linear(cond_dim, 6 * embed_dim)  # (gamma, beta) for each of the 3 norms
+            # Not zero: a zero init would make the output ignore the condition at step 0, and the
+            # model could settle into ignoring it. Small weights keep the block near identity.
+            nn.init.normal_(self.film.weight, std=0.02)
+            nn.init.zeros_(self.film.bias)
+
+    def forward(self, x: Tensor, cond: Tensor | None = None) -> Tensor:
+        b = x.shape[0]
+        if self.film is not None:
+            film = rearrange(self.film(cond), "b t (k e) -> k b t 1 e", k=6)  # 6 x [B, T, 1, E]
+        h = self.norm_space(x)
+        if self.film is not None:
+            h = h * (1 + film[0]) + film[1]
+        h = rearrange(h, "b t p e -> (b t) p e")  # [B*T, P, E]
+        h = self.attn_space(h, causal=False)
+        x = x + rearrange(h, "(b t) p e -> b t p e", b=b)  # [B, T, P, E]
+
+        if self.temporal:
+            h = self.norm_time(x)
+            if self.film is not None:
+                h = h * (1 + film[2]) + film[3]
+            h = rearrange(h, "b t p e -> (b p) t e")  # [B*P, T, E]
+            h = self.attn_time(h, causal=self.causal)
+            x = x + rearrange(h, "(b p) t e -> b t p e", b=b)  # [B, T, P, E]
+
+        h = self.norm_mlp(x)
+        if self.film is not None:
+            h = h * (1 + film[4]) + film[5]
+        return x + self.mlp(h)  # [B, T, P, E]
+
+
+class SpaceTimeTransformer(nn.Module):
+    """Fixed sinusoidal positions (2D over the patch grid, 1D over time) added at the input,
+    a stack of SpaceTimeBlocks, and a final RMSNorm. [B, T, P, E] -> [B, T, P, E].
+    """
+
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        num_blocks: int,
+        *,
+        grid: int,
+        max_frames: int,
+        causal: bool = True,
+        temporal: bool = True,
+        cond_dim: int | None = None,
+    ):
+        super().__init__()
+        self.max_frames = max_frames
+        self.register_buffer("pos_space", sincos_2d(grid, embed_dim), persistent=False)  # [P, E]
+        # Without temporal attention no time position either: a frame's output must not
+        # depend on where it sits in the clip.
+        pos_time = sincos_1d(max_frames, embed_dim) if temporal else torch.zeros(max_frames, embed_dim)
+        self.register_buffer("pos_time", pos_time, persistent=False)  # [T_max, E]
+        self.blocks = nn.ModuleList(
+            SpaceTimeBlock(embed_dim, num_heads, causal=causal, temporal=temporal, cond_dim=cond_dim)
+            for _ in range(num_blocks)
+        )
+        self.norm = nn.RMSNorm(embed_dim)
+
+    def forward(self, x: Tensor, cond: Tensor | None = None) -> Tensor:
+        frames = x.shape[1]
+        if frames > self.max_frames:
+            raise TinyWorldsError(f"a clip of {frames} frames is longer than the model's max_frames={self.max_frames}")
+        x = x + self.pos_space + rearrange(self.pos_time[:frames], "t e -> t 1 e")  # [B, T, P, E]
+        for block in self.blocks:
+            x = block(x, cond)
+        return self.norm(x)

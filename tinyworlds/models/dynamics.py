@@ -1,0 +1,268 @@
+"""Dynamics model: MaskGIT over video tokens, conditioned on actions (Genie's dynamics model).
+
+Token embedding (V ids + 1 mask id) -> space-time transformer (causal in time) with FiLM from
+an action embedding -> Linear to V logits. The action taken between frames t-1 and t
+conditions frame t; frame 0 and context frames whose action is unknown get the learned null
+action (index A).
+
+Training masks, per sample, a ratio r ~ U[mask_ratio_min, mask_ratio_max] of the tokens of
+every frame 1..T-1: exactly ceil(r * P) positions per frame, chosen uniformly (MaskGIT-style,
+so each frame has at least one target). Frame 0 is never masked: it anchors the clip, as the
+given context frame does in generation. Cross-entropy is taken on masked positions only.
+
+Generation makes one frame at a time: all P tokens start masked; at each of `steps` steps
+every masked position is sampled, the most confident samples are kept per the schedule and
+the rest are masked again. The frame is then appended and the next one begins.
+
+Dimension keys: B batch, T time, N generated frames, P patches per frame, E embedding,
+V vocabulary (token ids; id V is the mask), A actions (action id A is the null action).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+from tinyworlds.errors import TinyWorldsError
+from tinyworlds.models.blocks import SpaceTimeTransformer, check, check_attention, check_fraction, check_positive_ints
+
+# Fraction of a frame's tokens still masked once `progress` (in (0, 1]) of the steps are done.
+MASK_SCHEDULES = {
+    "cosine": lambda progress: math.cos(math.pi / 2 * progress),  # few tokens first, most at the end
+    "linear": lambda progress: 1.0 - progress,
+    # most tokens in the first steps, the last few refined slowly
+    "exponential": lambda progress: (math.exp(-5 * progress) - math.exp(-5)) / (1 - math.exp(-5)),
+}
+
+
+@dataclass
+class DynamicsConfig:
+    vocab_size: int = 1000  # V: the tokenizer's vocab_size
+    num_patches: int = 64  # P: the tokenizer's num_patches; a square grid
+    num_actions: int = 8  # A: the latent action model's num_actions
+    embed_dim: int = 128
+    num_heads: int = 4
+    num_blocks: int = 4
+    max_frames: int = 16  # attention window in frames; generation slides over it
+    mask_ratio_min: float = 0.5  # per-sample mask ratio of frames 1..T-1 is U[min, max]
+    mask_ratio_max: float = 1.0
+    action_dropout: float = 0.1  # chance a training action is replaced by the null action
+
+    def __post_init__(self):
+        check_positive_ints(self, "vocab_size", "num_patches", "num_actions", "num_blocks", "max_frames")
+        check_attention(self)
+        check(self, "vocab_size", self.vocab_size >= 2, "must be >= 2")
+        check(self, "num_patches", math.isqrt(self.num_patches) ** 2 == self.num_patches,
+              "must be a square number (a square patch grid)")
+        check(self, "max_frames", self.max_frames >= 2, "must be >= 2 (context plus the frame being made)")
+        check_fraction(self, "mask_ratio_min", 0.0, 1.0, include_low=False)
+        check_fraction(self, "mask_ratio_max", 0.0, 1.0, include_low=False)
+        check(self, "mask_ratio_max", self.mask_ratio_max >= self.mask_ratio_min,
+              f"must be >= mask_ratio_min {self.mask_ratio_min}")
+        check_fraction(self, "action_dropout", 0.0, 1.0)
+        check(self, "action_dropout", self.action_dropout < 1.0, "must be < 1 (actions must reach the model)")
+
+
+# ---------------------------------------------------------------------------------------------
+# counter-based noise: the random numbers of one sample depend only on its own seed, so a batch
+# generates exactly what its samples generate one by one, on any device.
+
+_LOW32 = 0xFFFFFFFF
+
+
+def _mix32(x: Tensor) -> Tensor:
+    """32-bit integer hash of int64 tensors holding values in [0, 2**32). The multipliers are
+    below 2**31, so no product reaches 2**63 and int64 never overflows on any backend."""
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _LOW32
+    x = x ^ (x >> 15)
+    x = (x * 0x2C1B3C6D) & _LOW32
+    return x ^ (x >> 16)
+
+
+def uniform_noise(seeds: Tensor, frame: int, step: int, positions: int) -> Tensor:
+    """Uniform (0, 1) noise [B, P] from a hash of (seed of each sample, frame, step, position)."""
+    key = _mix32(seeds & _LOW32) ^ _mix32((seeds >> 32) & _LOW32)  # [B]
+    key = _mix32(_mix32(key ^ frame) ^ step)  # [B]
+    counter = torch.arange(positions, device=seeds.device)  # [P]
+    bits = _mix32(_mix32(rearrange(key, "b -> b 1") ^ counter))  # [B, P]
+    return ((bits >> 8).float() + 0.5) / 2**24  # [B, P], 24 bits: exact in float32
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+class DynamicsModel(nn.Module):
+    """Tokens [B, T, P] and actions [B, T-1] -> logits [B, T, P, V] for every token."""
+
+    def __init__(self, config: DynamicsConfig):
+        super().__init__()
+        self.config = config
+        c = config
+        self.mask_id = c.vocab_size
+        self.null_action = c.num_actions
+        self.token_embed = nn.Embedding(c.vocab_size + 1, c.embed_dim)
+        # Unit-variance rows (nn.Embedding's default) so FiLM sees distinct actions from step one.
+        self.action_embed = nn.Embedding(c.num_actions + 1, c.embed_dim)
+        self.transformer = SpaceTimeTransformer(
+            c.embed_dim, c.num_heads, c.num_blocks, grid=math.isqrt(c.num_patches), max_frames=c.max_frames,
+            cond_dim=c.embed_dim,
+        )
+        self.head = nn.Linear(c.embed_dim, c.vocab_size)
+
+    def features(self, tokens: Tensor, actions: Tensor) -> Tensor:
+        """Tokens [B, T, P] (id V = masked) and actions [B, T-1] (id A = null) -> [B, T, P, E]."""
+        null = torch.full_like(actions[:, :1], self.null_action)  # [B, 1]
+        cond = self.action_embed(torch.cat([null, actions], dim=1))  # [B, T, E]: frame t's incoming action
+        return self.transformer(self.token_embed(tokens), cond)  # [B, T, P, E]
+
+    def forward(self, tokens: Tensor, actions: Tensor) -> Tensor:
+        """Tokens [B, T, P] and actions [B, T-1] -> logits [B, T, P, V]."""
+        return self.head(self.features(tokens, actions))
+
+    def loss(self, tokens: Tensor, actions: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """Masked-token cross-entropy (scheme in the module docstring).
+
+        Metrics (detached): loss, masked_accuracy (argmax hits on masked positions), mask_ratio.
+        """
+        b, t, p = tokens.shape
+        if t < 2:
+            raise TinyWorldsError(f"dynamics loss needs clips of >= 2 frames, got {t}")
+        c = self.config
+        device = tokens.device
+        ratio = c.mask_ratio_min + (c.mask_ratio_max - c.mask_ratio_min) * torch.rand(b, 1, 1, device=device)
+        count = (ratio * p).ceil().clamp(1, p)  # [B, 1, 1] masked positions per frame
+        rank = torch.rand(b, t - 1, p, device=device).argsort(dim=-1).argsort(dim=-1)  # [B, T-1, P]
+        masked = rank < count  # [B, T-1, P]: a uniform random subset of `count` positions
+        inputs = torch.cat([tokens[:, :1], torch.where(masked, self.mask_id, tokens[:, 1:])], dim=1)  # [B, T, P]
+        if c.action_dropout > 0:
+            dropped = torch.rand(b, t - 1, device=device) < c.action_dropout  # [B, T-1]
+            actions = torch.where(dropped, self.null_action, actions)
+
+        # Logits only for frames 1..T-1: frame 0 is never a target.
+        logits = self.head(self.features(inputs, actions)[:, 1:])  # [B, T-1, P, V]
+        logits = rearrange(logits, "b t p v -> (b t p) v")  # [N, V], N = B*(T-1)*P
+        targets = rearrange(tokens[:, 1:], "b t p -> (b t p)")  # [N]
+        weight = rearrange(masked, "b t p -> (b t p)").float()  # [N]: 1 where the input was masked
+        ce = F.cross_entropy(logits.float(), targets, reduction="none")  # [N]
+        total = weight.sum()
+        loss = (ce * weight).sum() / total
+        hits = (logits.detach().argmax(-1) == targets).float()  # [N]
+        metrics = {
+            "loss": loss.detach(),
+            "masked_accuracy": (hits * weight).sum() / total,
+            "mask_ratio": total / weight.numel(),
+        }
+        return loss, metrics
+
+    # -----------------------------------------------------------------------------------------
+    # generation
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        context_tokens: Tensor,
+        actions: Tensor,
+        *,
+        context_actions: Tensor | None = None,
+        steps: int = 8,
+        schedule: str = "cosine",
+        temperature: float = 1.0,
+        seed: int | Tensor = 0,
+    ) -> Tensor:
+        """Generate N frames after the context, one at a time, by iterative MaskGIT unmasking.
+
+        context_tokens [B, T, P] (T >= 1, never modified); actions [B, N]: the action into each
+        new frame; context_actions [B, T-1] or None (unknown: the null action A). Past
+        max_frames the model sees a sliding window of the latest frames. temperature 0 is
+        greedy. seed: an int (sample i uses seed + i) or a LongTensor [B] of per-sample seeds;
+        each sample's output depends only on its own seed and inputs, not on the batch.
+        Returns the new tokens [B, N, P].
+        """
+        b, t, p = self._check_generate_args(context_tokens, actions, context_actions, steps, schedule, temperature)
+        device = context_tokens.device
+        if isinstance(seed, Tensor):
+            seeds = seed.to(device=device, dtype=torch.long)
+        else:
+            seeds = int(seed) + torch.arange(b, device=device)  # [B]
+        if seeds.shape != (b,):
+            raise TinyWorldsError(f"generate: seed tensor has shape {tuple(seeds.shape)}, expected ({b},)")
+        if context_actions is None:
+            context_actions = torch.full((b, t - 1), self.null_action, dtype=torch.long, device=device)
+
+        tokens = context_tokens.long()  # [B, T, P]
+        past_actions = context_actions.long()  # [B, T-1]: action into frame j+1
+        window = self.config.max_frames - 1  # known frames beside the one being made
+        new_frames = []
+        for n in range(actions.shape[1]):
+            past_actions = torch.cat([past_actions, actions[:, n : n + 1].long()], dim=1)  # [B, T]
+            known = tokens[:, -window:]  # [B, K, P]
+            # The window's first frame takes the null action, as frame 0 does in training.
+            frame = self._sample_frame(
+                known, past_actions[:, -known.shape[1]:], seeds, n, steps, MASK_SCHEDULES[schedule], temperature
+            )  # [B, P]
+            tokens = torch.cat([tokens, rearrange(frame, "b p -> b 1 p")], dim=1)  # [B, T+1, P]
+            new_frames.append(frame)
+        return torch.stack(new_frames, dim=1)  # [B, N, P]
+
+    def _sample_frame(self, known, actions, seeds, frame_index, steps, masked_fraction, temperature) -> Tensor:
+        """Known frames [B, K, P] and actions into frames 1..K [B, K] -> the next frame [B, P]."""
+        b, _, p = known.shape
+        frame = torch.full((b, p), self.mask_id, dtype=torch.long, device=known.device)  # [B, P]
+        for step in range(steps):
+            tokens = torch.cat([known, rearrange(frame, "b p -> b 1 p")], dim=1)  # [B, K+1, P]
+            logits = self.head(self.features(tokens, actions)[:, -1]).float()  # [B, P, V]
+            if temperature == 0:
+                probs = logits.softmax(-1)  # [B, P, V]
+                sampled = probs.argmax(-1)  # [B, P]
+            else:
+                probs = (logits / temperature).softmax(-1)  # [B, P, V]
+                cdf = probs.cumsum(-1)  # [B, P, V]
+                # Inverse-CDF sampling needs one uniform per position, not one per vocab entry.
+                u = uniform_noise(seeds, frame_index, step, p) * cdf[..., -1]  # [B, P]
+                sampled = torch.searchsorted(cdf, rearrange(u, "b p -> b p 1"))  # [B, P, 1]
+                # u can round past the last bin edge by one ulp: clamp to the last id
+                sampled = rearrange(sampled, "b p 1 -> b p").clamp_max(self.config.vocab_size - 1)  # [B, P]
+            confidence = probs.gather(-1, rearrange(sampled, "b p -> b p 1"))  # [B, P, 1]
+            confidence = rearrange(confidence, "b p 1 -> b p")  # [B, P]
+            is_known = frame != self.mask_id  # [B, P]
+            sampled = torch.where(is_known, frame, sampled)
+            confidence = torch.where(is_known, 2.0, confidence)  # decided tokens are never remasked
+            keep_count = p - math.floor(p * masked_fraction((step + 1) / steps))
+            order = confidence.argsort(dim=-1, descending=True, stable=True)  # [B, P]
+            keep = torch.zeros_like(is_known).scatter_(-1, order[:, :keep_count], True)  # [B, P]
+            frame = torch.where(keep, sampled, self.mask_id)
+        return frame
+
+    def _check_generate_args(self, context_tokens, actions, context_actions, steps, schedule, temperature):
+        c = self.config
+        if context_tokens.dim() != 3 or context_tokens.shape[1] < 1 or context_tokens.shape[2] != c.num_patches:
+            raise TinyWorldsError(
+                f"generate: context_tokens has shape {tuple(context_tokens.shape)}, expected [B, T>=1, {c.num_patches}]"
+            )
+        b, t, p = context_tokens.shape
+        if actions.dim() != 2 or actions.shape[0] != b:
+            raise TinyWorldsError(f"generate: actions has shape {tuple(actions.shape)}, expected [{b}, N]")
+        if context_actions is not None and tuple(context_actions.shape) != (b, t - 1):
+            raise TinyWorldsError(
+                f"generate: context_actions has shape {tuple(context_actions.shape)}, expected [{b}, {t - 1}]"
+            )
+        if not isinstance(steps, int) or steps < 1:
+            raise TinyWorldsError(f"generate: steps={steps!r} must be a whole number >= 1")
+        if schedule not in MASK_SCHEDULES:
+            raise TinyWorldsError(f"generate: schedule={schedule!r} must be one of {', '.join(MASK_SCHEDULES)}")
+        if not temperature >= 0:
+            raise TinyWorldsError(f"generate: temperature={temperature!r} must be >= 0")
+        if context_tokens.numel() and (context_tokens.min() < 0 or context_tokens.max() >= c.vocab_size):
+            raise TinyWorldsError(f"generate: context_tokens must be ids in [0, {c.vocab_size})")
+        for name, given in (("actions", actions), ("context_actions", context_actions)):
+            if given is not None and given.numel() and (given.min() < 0 or given.max() > self.null_action):
+                raise TinyWorldsError(
+                    f"generate: {name} must be ids in [0, {c.num_actions}] ({c.num_actions} = unknown)"
+                )
+        return b, t, p

@@ -1,0 +1,122 @@
+"""Video tokenizer: frames -> one discrete token per patch -> frames (Genie's ST-ViViT with FSQ).
+
+patch embed -> spatial encoder (per frame) -> Linear to L dims -> FSQ -> Linear up
+-> space-time decoder (causal in time) -> Linear to patch pixels -> unpatchify.
+Tokens are a function of their own frame alone (so they can be cached per frame), and the
+decoded pixels of frame t never depend on later frames: a rollout can decode each generated
+frame as it comes.
+
+Dimension keys: B batch, T time, C channels, H/W pixels, S patch size, P patches per frame,
+E embedding, L FSQ dims (len(levels)), V vocabulary (prod(levels)).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from tinyworlds.models.blocks import (
+    SpaceTimeTransformer,
+    check,
+    check_attention,
+    check_frames,
+    check_positive_ints,
+    patchify,
+    unpatchify,
+)
+from tinyworlds.models.fsq import FSQ, id_usage, perplexity, valid_levels
+
+
+@dataclass
+class TokenizerConfig:
+    frame_size: int = 64  # H = W
+    channels: int = 3
+    patch_size: int = 8  # S; frame_size must be a multiple
+    embed_dim: int = 128
+    num_heads: int = 4
+    encoder_blocks: int = 2
+    decoder_blocks: int = 2
+    levels: tuple[int, ...] = (8, 5, 5, 5)  # FSQ levels per latent dim; vocab = prod = 1000
+    max_frames: int = 16  # longest clip the temporal positions cover
+
+    def __post_init__(self):
+        check(self, "levels", isinstance(self.levels, (list, tuple)), "must be a list of whole numbers")
+        self.levels = tuple(self.levels)
+        check_frames(self)
+        check_attention(self)
+        check_positive_ints(self, "encoder_blocks", "decoder_blocks", "max_frames")
+        check(self, "levels", valid_levels(self.levels), "need at least one FSQ dimension and every level >= 2")
+
+
+class VideoTokenizer(nn.Module):
+    """Frames [B, T, C, H, W] in [-1, 1] <-> tokens [B, T, P] in [0, V)."""
+
+    def __init__(self, config: TokenizerConfig):
+        super().__init__()
+        self.config = config
+        c = config
+        self.grid = c.frame_size // c.patch_size  # Hp = Wp
+        patch_dim = c.patch_size * c.patch_size * c.channels
+        self.patch_embed = nn.Linear(patch_dim, c.embed_dim)
+        # The encoder attends within each frame only, so a frame's tokens depend on that frame
+        # alone: they can be computed once per frame and cached for any clip (stage tokenize).
+        self.encoder = SpaceTimeTransformer(
+            c.embed_dim, c.num_heads, c.encoder_blocks, grid=self.grid, max_frames=c.max_frames, temporal=False
+        )
+        self.to_latent = nn.Linear(c.embed_dim, len(c.levels))
+        self.fsq = FSQ(c.levels)
+        self.from_latent = nn.Linear(len(c.levels), c.embed_dim)
+        self.decoder = SpaceTimeTransformer(
+            c.embed_dim, c.num_heads, c.decoder_blocks, grid=self.grid, max_frames=c.max_frames
+        )
+        self.to_pixels = nn.Linear(c.embed_dim, patch_dim)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.fsq.vocab_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid * self.grid
+
+    def latents(self, frames: Tensor) -> Tensor:
+        """Frames [B, T, C, H, W] -> pre-quantization latents [B, T, P, L]."""
+        x = self.patch_embed(patchify(frames, self.config.patch_size))  # [B, T, P, E]
+        return self.to_latent(self.encoder(x))  # [B, T, P, L]
+
+    def decode_codes(self, codes: Tensor) -> Tensor:
+        """FSQ codes [B, T, P, L] -> frames [B, T, C, H, W]."""
+        x = self.decoder(self.from_latent(codes))  # [B, T, P, E]
+        return unpatchify(self.to_pixels(x), self.config.patch_size, self.grid)  # [B, T, C, H, W]
+
+    @torch.no_grad()
+    def encode(self, frames: Tensor) -> Tensor:
+        """Frames [B, T, C, H, W] in [-1, 1] -> tokens LongTensor [B, T, P]. No gradient."""
+        return self.fsq.codes_to_ids(self.fsq(self.latents(frames)))
+
+    @torch.no_grad()
+    def decode(self, tokens: Tensor) -> Tensor:
+        """Tokens [B, T, P] -> frames [B, T, C, H, W] (unclamped, nominally [-1, 1]). No gradient."""
+        return self.decode_codes(self.fsq.ids_to_codes(tokens))
+
+    def forward(self, frames: Tensor) -> tuple[Tensor, Tensor]:
+        """Frames [B, T, C, H, W] -> (reconstruction [B, T, C, H, W], tokens [B, T, P])."""
+        codes = self.fsq(self.latents(frames))  # [B, T, P, L], straight-through gradient
+        return self.decode_codes(codes), self.fsq.codes_to_ids(codes.detach())
+
+    def loss(self, frames: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """Reconstruction MSE and detached metrics: mse, psnr (dB, for pixels in [-1, 1]),
+        codebook_usage (fraction of the V ids present in the batch) and code_perplexity."""
+        recon, tokens = self(frames)
+        mse = F.mse_loss(recon.float(), frames.float())
+        usage = id_usage(tokens, self.vocab_size)  # [V]
+        metrics = {
+            "mse": mse.detach(),
+            "psnr": 10 * torch.log10(4.0 / mse.detach().clamp_min(1e-10)),  # peak-to-peak range is 2
+            "codebook_usage": (usage > 0).float().mean(),
+            "code_perplexity": perplexity(usage),
+        }
+        return mse, metrics

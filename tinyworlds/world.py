@@ -1,0 +1,168 @@
+"""A trained world model: tokenizer + latent action model + dynamics, used together.
+
+Everything downstream of training (evaluation, `tinyworlds dream`, `tinyworlds play`) goes
+through `WorldModel`: frames in and frames out as uint8 [B, T, C, H, W], tokens and action
+ids in between.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from einops import rearrange
+
+from tinyworlds.errors import TinyWorldsError
+from tinyworlds.models.checkpoint import load_model
+from tinyworlds.models.dynamics import DynamicsModel
+from tinyworlds.models.lam import LatentActionModel
+from tinyworlds.models.pixels import to_model, to_uint8
+from tinyworlds.models.tokenizer import VideoTokenizer
+from tinyworlds.training.device import pick_device
+
+
+@dataclass
+class GenerationSettings:
+    steps: int = 8  # MaskGIT unmasking steps per frame
+    schedule: str = "cosine"  # cosine | exponential | linear
+    temperature: float = 1.0  # 0 = greedy
+    seed: int = 0
+
+
+class WorldModel:
+    """The three trained models of one pipeline run, on one device."""
+
+    def __init__(self, tokenizer: VideoTokenizer, actions: LatentActionModel, dynamics: DynamicsModel, device: torch.device):
+        self.tokenizer, self.actions, self.dynamics, self.device = tokenizer, actions, dynamics, device
+        t, d = tokenizer.config, dynamics.config
+        if (tokenizer.vocab_size, tokenizer.num_patches) != (d.vocab_size, d.num_patches):
+            raise TinyWorldsError(
+                f"dynamics model expects {d.vocab_size} tokens x {d.num_patches} patches, tokenizer makes "
+                f"{tokenizer.vocab_size} x {tokenizer.num_patches}: they are not from the same pipeline run"
+            )
+        if actions.num_actions != d.num_actions:
+            raise TinyWorldsError(
+                f"dynamics model expects {d.num_actions} actions, the latent action model has {actions.num_actions}"
+            )
+        if (actions.config.frame_size, actions.config.channels) != (t.frame_size, t.channels):
+            raise TinyWorldsError("latent action model and tokenizer were trained on different frame sizes")
+
+    @classmethod
+    def load(cls, models_dir: str | Path = "data/models", device: str = "auto") -> WorldModel:
+        """Load data/models/{tokenizer,actions,dynamics}; one-line errors for anything missing."""
+        models_dir = Path(models_dir)
+        if not models_dir.is_dir():
+            raise TinyWorldsError(f"{models_dir}: no such model directory (run `dvc repro` first)")
+        target = pick_device(device)
+        loaded = {}
+        for kind, expected in (("tokenizer", VideoTokenizer), ("actions", LatentActionModel), ("dynamics", DynamicsModel)):
+            model = load_model(models_dir / kind, device=target)
+            if not isinstance(model, expected):
+                raise TinyWorldsError(f"{models_dir / kind}: holds a {type(model).__name__}, expected a {expected.__name__}")
+            loaded[kind] = model.eval()
+        return cls(loaded["tokenizer"], loaded["actions"], loaded["dynamics"], target)
+
+    # -- facts ---------------------------------------------------------------------------------
+    @property
+    def num_actions(self) -> int:
+        return self.actions.num_actions
+
+    @property
+    def frame_size(self) -> int:
+        return self.tokenizer.config.frame_size
+
+    @property
+    def channels(self) -> int:
+        return self.tokenizer.config.channels
+
+    @property
+    def context_frames(self) -> int:
+        """How many frames the dynamics model attends to (older ones slide out of its window)."""
+        return self.dynamics.config.max_frames
+
+    # -- conversions ---------------------------------------------------------------------------
+    def check_frames(self, frames: torch.Tensor, what: str = "frames") -> None:
+        expected = (self.channels, self.frame_size, self.frame_size)
+        if frames.dim() != 5 or tuple(frames.shape[2:]) != expected or frames.dtype != torch.uint8:
+            raise TinyWorldsError(
+                f"{what}: expected uint8 [B, T, {expected[0]}, {expected[1]}, {expected[2]}], "
+                f"got {frames.dtype} {list(frames.shape)}"
+            )
+
+    @torch.inference_mode()
+    def encode(self, frames: torch.Tensor) -> torch.Tensor:
+        """uint8 frames [B, T, C, H, W] -> tokens [B, T, P] (each frame on its own)."""
+        self.check_frames(frames)
+        b = frames.shape[0]
+        single = rearrange(frames.to(self.device), "b t c h w -> (b t) 1 c h w")  # [B*T, 1, C, H, W]
+        tokens = self.tokenizer.encode(to_model(single))  # [B*T, 1, P]
+        return rearrange(tokens, "(b t) 1 p -> b t p", b=b)
+
+    @torch.inference_mode()
+    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Tokens [B, T, P] -> uint8 frames [B, T, C, H, W].
+
+        The decoder attends over time within its training window, so frame t is decoded from
+        the window of tokens ending at t (a sliding window, batched over all t at once).
+        """
+        window = self.tokenizer.config.max_frames
+        tokens = tokens.to(self.device)
+        b, t, _ = tokens.shape
+        if t <= window:
+            return to_uint8(self.tokenizer.decode(tokens))
+        # Windows ending at frames window-1 .. t-1; the first window also yields frames 0..window-2.
+        windows = tokens.unfold(1, window, 1)  # [B, t-window+1, P, window]
+        windows = rearrange(windows, "b n p w -> (b n) w p")  # [B*n, window, P]
+        decoded = self.tokenizer.decode(windows)  # [B*n, window, C, H, W]
+        decoded = rearrange(decoded, "(b n) w c h x -> b n w c h x", b=b)
+        frames = torch.cat([decoded[:, 0, :-1], decoded[:, :, -1]], dim=1)  # [B, T, C, H, W]
+        return to_uint8(frames)
+
+    @torch.inference_mode()
+    def infer_actions(self, frames: torch.Tensor) -> torch.Tensor:
+        """uint8 frames [B, T, C, H, W] -> latent action ids [B, T-1] of each transition."""
+        self.check_frames(frames)
+        window = self.actions.config.max_frames
+        frames = to_model(frames.to(self.device))
+        if frames.shape[1] <= window:
+            return self.actions.infer(frames)
+        # Longer than the LAM's window: label each transition in the window that ends at it.
+        windows = frames.unfold(1, window, 1)  # [B, n, C, H, W, window]
+        windows = rearrange(windows, "b n c h w k -> (b n) k c h w")
+        ids = rearrange(self.actions.infer(windows), "(b n) k -> b n k", b=frames.shape[0])  # [B, n, window-1]
+        return torch.cat([ids[:, 0, :-1], ids[:, :, -1]], dim=1)  # [B, T-1]
+
+    # -- generation ----------------------------------------------------------------------------
+    def check_actions(self, actions: torch.Tensor, what: str = "actions") -> None:
+        if actions.numel() and (int(actions.min()) < 0 or int(actions.max()) >= self.num_actions):
+            raise TinyWorldsError(f"{what}: action ids must be in 0..{self.num_actions - 1}, got {actions.tolist()}")
+
+    @torch.inference_mode()
+    def rollout(
+        self,
+        context: torch.Tensor,
+        actions: torch.Tensor,
+        *,
+        context_actions: torch.Tensor | None = None,
+        settings: GenerationSettings = GenerationSettings(),
+    ) -> torch.Tensor:
+        """Dream N frames after a context clip.
+
+        context: uint8 [B, T, C, H, W]; actions [B, N]: the latent action into each new frame;
+        context_actions [B, T-1] or None (inferred from the context with the LAM when T > 1).
+        Returns uint8 [B, N, C, H, W].
+        """
+        self.check_frames(context, "context")
+        actions = actions.to(self.device).long()
+        self.check_actions(actions)
+        if context_actions is None and context.shape[1] > 1:
+            context_actions = self.infer_actions(context)
+        context_tokens = self.encode(context)  # [B, T, P]
+        new_tokens = self.dynamics.generate(
+            context_tokens, actions,
+            context_actions=None if context_actions is None else context_actions.to(self.device).long(),
+            steps=settings.steps, schedule=settings.schedule, temperature=settings.temperature, seed=settings.seed,
+        )  # [B, N, P]
+        frames = self.decode(torch.cat([context_tokens, new_tokens], dim=1))  # [B, T+N, C, H, W]
+        return frames[:, context.shape[1]:]
