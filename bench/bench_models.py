@@ -14,7 +14,6 @@ import json
 import platform
 import statistics
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -29,6 +28,7 @@ from tinyworlds.models import (
     VideoTokenizer,
     count_parameters,
 )
+from tinyworlds.training.device import autocast, pick_device
 
 RESULTS = Path(__file__).parent / "results" / "models.json"
 
@@ -47,14 +47,6 @@ PRESETS = {
     ),
     "default": dict(frames=4, batch=16, tokenizer=TokenizerConfig(), lam=LatentActionConfig(), dynamics_blocks=None),
 }
-
-
-def pick_device() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
 
 
 def synchronize(device: torch.device) -> None:
@@ -105,11 +97,11 @@ def bench_training(name, model, args, preset, device) -> float:
     loss_fn = torch.compile(model.loss) if args.compile else model.loss
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4)
     inputs = training_inputs(name, model, preset["batch"], preset["frames"], device)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.bf16 else nullcontext()
+    precision = "bf16" if args.bf16 else "fp32"
 
     def step():
         optimizer.zero_grad(set_to_none=True)
-        with autocast:
+        with autocast(device, precision):
             loss, _ = loss_fn(*inputs)
         loss.backward()
         optimizer.step()
@@ -124,16 +116,16 @@ def bench_generation(models, args, preset, device, batch: int) -> dict[str, floa
     new_frames = preset["frames"] - 1
     context = torch.randint(0, dynamics.config.vocab_size, (batch, 1, dynamics.config.num_patches), device=device)
     actions = torch.randint(0, dynamics.config.num_actions, (batch, new_frames), device=device)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.bf16 else nullcontext()
+    precision = "bf16" if args.bf16 else "fp32"
 
     def generate():
-        with autocast:
+        with autocast(device, precision):
             return dynamics.generate(context, actions, steps=args.steps)
 
     tokens = torch.cat([context, generate()], dim=1)
 
     def decode():
-        with autocast:
+        with autocast(device, precision):
             tokenizer.decode(tokens)
 
     reps, warmup = max(1, args.reps // 3), 1

@@ -87,3 +87,16 @@ def test_transformer_bf16_autocast_forward_backward():
         out.float().square().mean().backward()
     grads = [p.grad for p in model.parameters()]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+def test_spatial_only_transformer_treats_every_frame_alone():
+    torch.manual_seed(0)
+    model = SpaceTimeTransformer(E, 2, 1, grid=2, max_frames=4, temporal=False)
+    x = torch.randn(2, 4, 4, E)
+    changed = x.clone()
+    changed[:, 1] += 1.0
+    out, out_changed = model(x), model(changed)
+    assert torch.allclose(out[:, [0, 2, 3]], out_changed[:, [0, 2, 3]], atol=1e-6)
+    # no time position either: the same frame gives the same output at any index
+    assert torch.allclose(model(x[:, 2:3]), out[:, 2:3], atol=1e-6)
+    assert not any("attn_time" in name for name in model.state_dict())

@@ -207,7 +207,8 @@ def test_generate_argument_errors(kwargs, message):
     [
         ({"num_patches": 15}, "DynamicsConfig.num_patches=15: must be a square number"),
         ({"mask_ratio_min": 0.0}, "DynamicsConfig.mask_ratio_min=0.0: must be in (0.0, 1.0]"),
-        ({"mask_ratio_min": 0.8, "mask_ratio_max": 0.6}, "DynamicsConfig.mask_ratio_max=0.6: must be >= mask_ratio_min"),
+        ({"mask_ratio_min": 0.8, "mask_ratio_max": 0.6},
+         "DynamicsConfig.mask_ratio_max=0.6: must be >= mask_ratio_min"),
         ({"vocab_size": 1}, "DynamicsConfig.vocab_size=1"),
         ({"max_frames": 1}, "DynamicsConfig.max_frames=1"),
         ({"action_dropout": 1.0}, "DynamicsConfig.action_dropout=1.0"),

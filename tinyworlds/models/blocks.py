@@ -15,6 +15,7 @@ from einops import rearrange, repeat
 from torch import Tensor, nn
 
 from tinyworlds.errors import TinyWorldsError
+from tinyworlds.models.fsq import valid_levels
 
 # ---------------------------------------------------------------------------------------------
 # config validation
@@ -49,9 +50,22 @@ def check_frames(config: object) -> None:
           f"frame_size {config.frame_size} is not divisible by it")
 
 
-def check_fraction(config: object, field: str, low: float, high: float, *, include_low: bool = True) -> None:
+def check_levels(config: object) -> None:
+    """FSQ `levels`: whole numbers >= 2. A JSON list is stored back as a tuple."""
+    check(config, "levels", isinstance(config.levels, (list, tuple)), "must be a list of whole numbers")
+    config.levels = tuple(config.levels)
+    check(config, "levels", valid_levels(config.levels), "need at least one FSQ dimension and every level >= 2")
+
+
+def check_number(config: object, field: str) -> None:
     value = getattr(config, field)
     check(config, field, isinstance(value, (int, float)) and not isinstance(value, bool), "must be a number")
+
+
+def check_fraction(config: object, field: str, low: float, high: float, *, include_low: bool = True) -> None:
+    """`field` must lie in [low, high] (or (low, high] without include_low)."""
+    check_number(config, field)
+    value = getattr(config, field)
     inside = (low <= value if include_low else low < value) and value <= high
     check(config, field, inside, f"must be in {'[' if include_low else '('}{low}, {high}]")
 
@@ -62,7 +76,9 @@ def check_fraction(config: object, field: str, low: float, high: float, *, inclu
 
 def patchify(frames: Tensor, patch_size: int) -> Tensor:
     """Frames [B, T, C, H, W] -> patches [B, T, P, S*S*C] in row-major patch order."""
-    return rearrange(frames, "b t c (hp s1) (wp s2) -> b t (hp wp) (s1 s2 c)", s1=patch_size, s2=patch_size)  # [B, T, P, S*S*C]
+    return rearrange(
+        frames, "b t c (hp s1) (wp s2) -> b t (hp wp) (s1 s2 c)", s1=patch_size, s2=patch_size
+    )  # [B, T, P, S*S*C]
 
 
 def unpatchify(patches: Tensor, patch_size: int, grid: int) -> Tensor:
@@ -104,7 +120,8 @@ class Attention(nn.Module):
         self.proj = nn.Linear(embed_dim, embed_dim)
 
     def forward(self, x: Tensor, *, causal: bool) -> Tensor:
-        q, k, v = rearrange(self.qkv(x), "n l (three h d) -> three n h l d", three=3, h=self.num_heads)  # [N, h, L, d] each
+        qkv = rearrange(self.qkv(x), "n l (three h d) -> three n h l d", three=3, h=self.num_heads)  # [3, N, h, L, d]
+        q, k, v = qkv.unbind(0)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # [N, h, L, d]
         return self.proj(rearrange(y, "n h l d -> n l (h d)"))  # [N, L, E]
 
@@ -138,7 +155,13 @@ class SpaceTimeBlock(nn.Module):
     """
 
     def __init__(
-        self, embed_dim: int, num_heads: int, *, causal: bool = True, temporal: bool = True, cond_dim: int | None = None
+        self,
+        embed_dim: int,
+        num_heads: int,
+        *,
+        causal: bool = True,
+        temporal: bool = True,
+        cond_dim: int | None = None,
     ):
         super().__init__()
         self.causal, self.temporal = causal, temporal
@@ -159,27 +182,29 @@ class SpaceTimeBlock(nn.Module):
 
     def forward(self, x: Tensor, cond: Tensor | None = None) -> Tensor:
         b = x.shape[0]
+        film = None
         if self.film is not None:
             film = rearrange(self.film(cond), "b t (k e) -> k b t 1 e", k=6)  # 6 x [B, T, 1, E]
-        h = self.norm_space(x)
-        if self.film is not None:
-            h = h * (1 + film[0]) + film[1]
+
+        h = modulate(self.norm_space(x), film, 0)
         h = rearrange(h, "b t p e -> (b t) p e")  # [B*T, P, E]
         h = self.attn_space(h, causal=False)
         x = x + rearrange(h, "(b t) p e -> b t p e", b=b)  # [B, T, P, E]
 
         if self.temporal:
-            h = self.norm_time(x)
-            if self.film is not None:
-                h = h * (1 + film[2]) + film[3]
+            h = modulate(self.norm_time(x), film, 1)
             h = rearrange(h, "b t p e -> (b p) t e")  # [B*P, T, E]
             h = self.attn_time(h, causal=self.causal)
             x = x + rearrange(h, "(b p) t e -> b t p e", b=b)  # [B, T, P, E]
 
-        h = self.norm_mlp(x)
-        if self.film is not None:
-            h = h * (1 + film[4]) + film[5]
-        return x + self.mlp(h)  # [B, T, P, E]
+        return x + self.mlp(modulate(self.norm_mlp(x), film, 2))  # [B, T, P, E]
+
+
+def modulate(h: Tensor, film: Tensor | None, site: int) -> Tensor:
+    """FiLM at one of a block's three norms: h * (1 + gamma) + beta, or h when unconditioned."""
+    if film is None:
+        return h
+    return h * (1 + film[2 * site]) + film[2 * site + 1]
 
 
 class SpaceTimeTransformer(nn.Module):

@@ -47,7 +47,7 @@ def save_model(model: nn.Module, directory: str | os.PathLike) -> Path:
     model = _unwrap(model)
     kind = next((k for k, (_, cls) in MODEL_KINDS.items() if isinstance(model, cls)), None)
     if kind is None:
-        raise TinyWorldsError(f"save_model: cannot save a {type(model).__name__}; expected one of the tinyworlds models")
+        raise TinyWorldsError(f"save_model: cannot save a {type(model).__name__}; expected a tinyworlds model")
     state = {
         name.replace("_orig_mod.", ""): tensor.detach().contiguous().cpu()
         for name, tensor in model.state_dict().items()

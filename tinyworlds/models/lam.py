@@ -29,11 +29,13 @@ from tinyworlds.models.blocks import (
     check_attention,
     check_fraction,
     check_frames,
+    check_levels,
+    check_number,
     check_positive_ints,
     patchify,
     unpatchify,
 )
-from tinyworlds.models.fsq import FSQ, id_usage, perplexity, valid_levels
+from tinyworlds.models.fsq import FSQ, id_usage, perplexity
 
 
 @dataclass
@@ -52,18 +54,17 @@ class LatentActionConfig:
     variance_target: float = 0.5  # per-dim batch std of the bounded latent below which it bites
 
     def __post_init__(self):
-        check(self, "levels", isinstance(self.levels, (list, tuple)), "must be a list of whole numbers")
-        self.levels = tuple(self.levels)
         check_frames(self)
         check_attention(self)
         check_positive_ints(self, "encoder_blocks", "decoder_blocks", "max_frames")
         check(self, "max_frames", self.max_frames >= 2, "a transition needs at least 2 frames")
-        check(self, "levels", valid_levels(self.levels), "need at least one FSQ dimension and every level >= 2")
+        check_levels(self)
         actions = math.prod(self.levels)
         check(self, "levels", 4 <= actions <= 16, f"gives {actions} actions; must give 4 to 16")
         check_fraction(self, "mask_ratio", 0.0, 1.0)
         check(self, "mask_ratio", self.mask_ratio < 1.0, "must be < 1 (some context must stay visible)")
-        check_fraction(self, "variance_weight", 0.0, float("inf"))
+        check_number(self, "variance_weight")
+        check(self, "variance_weight", self.variance_weight >= 0, "must be >= 0")
         check_fraction(self, "variance_target", 0.0, 1.0)
 
 

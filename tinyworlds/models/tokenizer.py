@@ -23,11 +23,12 @@ from tinyworlds.models.blocks import (
     check,
     check_attention,
     check_frames,
+    check_levels,
     check_positive_ints,
     patchify,
     unpatchify,
 )
-from tinyworlds.models.fsq import FSQ, id_usage, perplexity, valid_levels
+from tinyworlds.models.fsq import FSQ, id_usage, perplexity
 
 
 @dataclass
@@ -43,12 +44,10 @@ class TokenizerConfig:
     max_frames: int = 16  # longest clip the temporal positions cover
 
     def __post_init__(self):
-        check(self, "levels", isinstance(self.levels, (list, tuple)), "must be a list of whole numbers")
-        self.levels = tuple(self.levels)
         check_frames(self)
         check_attention(self)
         check_positive_ints(self, "encoder_blocks", "decoder_blocks", "max_frames")
-        check(self, "levels", valid_levels(self.levels), "need at least one FSQ dimension and every level >= 2")
+        check_levels(self)
 
 
 class VideoTokenizer(nn.Module):
