@@ -1,8 +1,10 @@
-"""DVC stage `train_actions`: see tinyworlds/training/train_actions.py."""
+"""DVC stage `train_actions`: see tinyworlds/training/train_actions.py.
 
-from tinyworlds.params import load_params
-from tinyworlds.stage import run_stage
+On `train.nproc` > 1 processes it re-launches itself under torchrun (tinyworlds/training/distributed.py).
+"""
+
+from tinyworlds.training.distributed import run_training_stage
 from tinyworlds.training.train_actions import train_actions
 
 if __name__ == "__main__":
-    run_stage(lambda: train_actions(load_params()))
+    run_training_stage(train_actions)

@@ -1,8 +1,10 @@
-"""DVC stage `train_tokenizer`: see tinyworlds/training/train_tokenizer.py."""
+"""DVC stage `train_tokenizer`: see tinyworlds/training/train_tokenizer.py.
 
-from tinyworlds.params import load_params
-from tinyworlds.stage import run_stage
+On `train.nproc` > 1 processes it re-launches itself under torchrun (tinyworlds/training/distributed.py).
+"""
+
+from tinyworlds.training.distributed import run_training_stage
 from tinyworlds.training.train_tokenizer import train_tokenizer
 
 if __name__ == "__main__":
-    run_stage(lambda: train_tokenizer(load_params()))
+    run_training_stage(train_tokenizer)

@@ -16,13 +16,13 @@ no clip crosses from one video into the next (each video is windowed on its own)
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 from einops import rearrange
 from torch.utils.data import Dataset
 
+from tinyworlds.data.stores import Location, location_exists, open_hdf5, open_zarr_group
 from tinyworlds.errors import TinyWorldsError
 
 TRAIN, VAL, GAP = 0, 1, 2
@@ -73,22 +73,18 @@ def clip_starts(labels: np.ndarray, span: int, want: int, stride: int = 1) -> np
     return starts[whole][::stride] if stride > 1 else starts[whole]
 
 
-def open_array(path: Path, name: str):
-    """A lazily-read array `name` of a zarr group or an HDF5 file (chosen by suffix)."""
-    if not Path(path).exists():
+def open_array(path: Location, name: str, storage_options: dict | None = None):
+    """A lazily-read array `name` of a zarr group or an HDF5 file (chosen by suffix), from a
+    local path or an fsspec URL (`s3://bucket/frames/pong.zarr`) with its `storage_options`."""
+    if not location_exists(path, storage_options):
         raise TinyWorldsError(f"{path}: store not found")
-    if Path(path).suffix.lower() in (".h5", ".hdf5"):
-        import h5py
-
-        # locking=False: a DataLoader worker must not release a file lock its parent holds.
-        handle = h5py.File(path, "r", locking=False)
+    if str(path).lower().endswith((".h5", ".hdf5")):
+        handle = open_hdf5(path, storage_options)
         if name not in handle:
             raise TinyWorldsError(f"{path}: has no {name!r} dataset")
         return handle[name]
-    import zarr
-
     try:
-        group = zarr.open_group(str(path), mode="r")
+        group = open_zarr_group(path, storage_options)
         return group[name]
     except KeyError:
         raise TinyWorldsError(f"{path}: has no {name!r} array") from None
@@ -98,14 +94,17 @@ def open_array(path: Path, name: str):
 
 @dataclass(frozen=True)
 class VideoArrays:
-    """The per-frame arrays of one video, aligned on time: field -> (store path, array name).
+    """The per-frame arrays of one video, aligned on time: field -> (store location, array name).
 
     e.g. {"frames": (Path("data/frames/pong.zarr"), "frames")} for the tokenizer, or
     {"tokens": (tokens.zarr, "tokens"), "actions": (actions.zarr, "actions")} for dynamics.
+    A location may be an fsspec URL ("s3://bucket/frames/pong.zarr"), opened with
+    `storage_options`.
     """
 
     name: str
-    fields: dict[str, tuple[Path, str]]
+    fields: dict[str, tuple[Location, str]]
+    storage_options: dict | None = None
 
 
 class ClipDataset(Dataset):
@@ -141,7 +140,8 @@ class ClipDataset(Dataset):
         want = TRAIN if split == "train" else VAL
         index = []
         for video_id, video in enumerate(videos):
-            lengths = {field: open_array(path, key).shape[0] for field, (path, key) in video.fields.items()}
+            lengths = {field: open_array(path, key, video.storage_options).shape[0]
+                       for field, (path, key) in video.fields.items()}
             if len(set(lengths.values())) != 1:
                 raise TinyWorldsError(f"{video.name}: per-frame arrays are not aligned ({lengths})")
             labels = frame_labels(next(iter(lengths.values())), split_config)
@@ -158,8 +158,9 @@ class ClipDataset(Dataset):
             self._arrays = {}
         key = (video_id, field)
         if key not in self._arrays:
-            path, name = self.videos[video_id].fields[field]
-            array = open_array(path, name)
+            video = self.videos[video_id]
+            path, name = video.fields[field]
+            array = open_array(path, name, video.storage_options)
             self._arrays[key] = np.asarray(array[:]) if self.preload else array
         return self._arrays[key]
 

@@ -8,6 +8,11 @@ A plain TinyWorlds HDF5 file (only a `frames` dataset, no attributes) opens too,
 Safe for torch DataLoader workers: a store pickles as its path, and the frames are opened
 lazily by the process that first reads them and reopened after a fork (an HDF5 handle
 must never be shared across processes).
+
+A store can also be read from any fsspec filesystem: give a URL (`s3://bucket/frames/pong.zarr`,
+`gs://...`, `file:///...`, `memory://...`) instead of a path, and the filesystem's options
+(`storage_options`, e.g. {"endpoint_url": ...}) with it. zarr reads URLs through its
+FsspecStore; HDF5 is read through an fsspec file object.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import hashlib
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Union
 
 import h5py
 import numpy as np
@@ -24,9 +29,65 @@ import zarr
 
 from tinyworlds.errors import TinyWorldsError
 
+# A local path, or an fsspec URL (a str with "://"). URLs stay strings: Path("s3://b/x")
+# would collapse the "//".
+Location = Union[str, os.PathLike]
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 
-def store_kind(path: Path) -> str | None:
+
+def is_url(location: Location) -> bool:
+    return isinstance(location, str) and "://" in location
+
+
+def as_location(location: Location) -> Path | str:
+    """A URL as it is, anything else as a Path."""
+    return location if is_url(location) else Path(location)
+
+
+def filesystem(url: str, storage_options: dict | None = None):
+    """(fsspec filesystem, path within it) for a URL."""
+    from fsspec.core import url_to_fs
+
+    try:
+        return url_to_fs(url, **(storage_options or {}))
+    except (ImportError, ValueError) as err:  # e.g. s3:// without s3fs installed
+        raise TinyWorldsError(f"{url}: cannot open this filesystem ({err})") from None
+
+
+def location_exists(location: Location, storage_options: dict | None = None) -> bool:
+    if is_url(location):
+        fs, path = filesystem(location, storage_options)
+        return fs.exists(path)
+    return Path(location).exists()
+
+
+def open_zarr_group(location: Location, storage_options: dict | None = None) -> zarr.Group:
+    """A zarr group opened read-only, from a local path or an fsspec URL."""
+    if is_url(location):
+        return zarr.open_group(location, mode="r", storage_options=storage_options or None)
+    return zarr.open_group(str(location), mode="r")
+
+
+def open_hdf5(location: Location, storage_options: dict | None = None) -> h5py.File:
+    """An HDF5 file opened read-only, from a local path or through an fsspec file object."""
+    if is_url(location):
+        fs, path = filesystem(location, storage_options)
+        return h5py.File(fs.open(path, "rb"), "r")
+    # locking=False: a DataLoader worker must not release a file lock its parent holds.
+    return h5py.File(location, "r", locking=False)
+
+
+def store_kind(path: Location, storage_options: dict | None = None) -> str | None:
     """'zarr' for a zarr v3 group directory, 'hdf5' for an HDF5 file, else None (by content)."""
+    if is_url(path):
+        fs, inner = filesystem(path, storage_options)
+        if fs.isdir(inner):
+            return "zarr" if fs.isfile(f"{inner.rstrip('/')}/zarr.json") else None
+        if fs.isfile(inner):
+            with fs.open(inner, "rb") as handle:
+                return "hdf5" if handle.read(len(HDF5_SIGNATURE)) == HDF5_SIGNATURE else None
+        return None
+    path = Path(path)
     if path.is_dir():
         return "zarr" if (path / "zarr.json").is_file() else None
     if path.is_file() and h5py.is_hdf5(path):
@@ -48,8 +109,8 @@ def _plain(value: Any) -> Any:
 class LazyFrames:
     """`frames[a:b]` -> np.ndarray [n, H, W, C] uint8, opening the store in the reading process."""
 
-    def __init__(self, path: Path, kind: str, shape: tuple[int, ...]):
-        self.path, self.kind, self.shape = path, kind, shape
+    def __init__(self, path: Path | str, kind: str, shape: tuple[int, ...], storage_options: dict | None = None):
+        self.path, self.kind, self.shape, self.storage_options = path, kind, shape, storage_options
         self.dtype = np.dtype(np.uint8)
         self._pid: int | None = None
         self._file: h5py.File | None = None
@@ -61,9 +122,9 @@ class LazyFrames:
             # opened without a file lock, so dropping one cannot release the parent's lock.
             self._file, self._array = None, None
             if self.kind == "zarr":
-                self._array = zarr.open_array(self.path / "frames", mode="r")
+                self._array = open_zarr_group(self.path, self.storage_options)["frames"]
             else:
-                self._file = h5py.File(self.path, "r", locking=False)
+                self._file = open_hdf5(self.path, self.storage_options)
                 self._array = self._file["frames"]
             self._pid = os.getpid()
         return self._array
@@ -80,19 +141,21 @@ class LazyFrames:
         self._pid, self._file, self._array = None, None, None
 
     def __getstate__(self) -> dict:
-        return {"path": self.path, "kind": self.kind, "shape": self.shape}
+        return {"path": self.path, "kind": self.kind, "shape": self.shape, "storage_options": self.storage_options}
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__(state["path"], state["kind"], state["shape"])
+        self.__init__(state["path"], state["kind"], state["shape"], state.get("storage_options"))
 
 
 class FrameStore:
     """A frame store opened for reading; see `open_frame_store`."""
 
-    def __init__(self, path: Path, kind: str, shape: tuple[int, ...], actions: np.ndarray | None, attrs: dict):
-        self.path = path
+    def __init__(self, path: Path | str, kind: str, shape: tuple[int, ...], actions: np.ndarray | None, attrs: dict,
+                 storage_options: dict | None = None):
+        self.path = path  # a Path, or a URL string
         self.kind = kind
-        self.frames = LazyFrames(path, kind, shape)  # [N, H, W, C] uint8, read on slicing
+        self.storage_options = storage_options
+        self.frames = LazyFrames(path, kind, shape, storage_options)  # [N, H, W, C] uint8, read on slicing
         self.actions = actions  # [N] int16, or None without ground-truth actions
         self.attrs = attrs
 
@@ -114,6 +177,9 @@ class FrameStore:
 
     def disk_bytes(self) -> int:
         """Bytes the store takes on disk (all files of a zarr directory)."""
+        if is_url(self.path):
+            fs, inner = filesystem(self.path, self.storage_options)
+            return int(fs.du(inner))
         if self.path.is_file():
             return self.path.stat().st_size
         return sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
@@ -145,17 +211,18 @@ def _check_actions(path: Path, actions: np.ndarray | None, n: int) -> np.ndarray
     return actions
 
 
-def open_frame_store(path: str | os.PathLike) -> FrameStore:
-    """Open a zarr or HDF5 frame store (told apart by content); a one-line error if it is not one."""
-    path = Path(path)
-    if not path.exists():
+def open_frame_store(path: Location, storage_options: dict | None = None) -> FrameStore:
+    """Open a zarr or HDF5 frame store (told apart by content), local or at an fsspec URL;
+    a one-line error if it is not one."""
+    path = as_location(path)
+    if not location_exists(path, storage_options):
         raise TinyWorldsError(f"{path}: no such frame store")
-    kind = store_kind(path)
+    kind = store_kind(path, storage_options)
     if kind is None:
         raise TinyWorldsError(f"{path}: not a frame store (expected a zarr v3 group directory or an HDF5 file)")
     try:
         if kind == "zarr":
-            group = zarr.open_group(path, mode="r")
+            group = open_zarr_group(path, storage_options)
             if "frames" not in group:
                 raise TinyWorldsError(f"{path}: zarr group has no `frames` array")
             frames = group["frames"]
@@ -163,7 +230,7 @@ def open_frame_store(path: str | os.PathLike) -> FrameStore:
             actions = group["actions"][:] if "actions" in group else None
             attrs = dict(group.attrs)
         else:
-            with h5py.File(path, "r", locking=False) as f:
+            with open_hdf5(path, storage_options) as f:
                 if not isinstance(f.get("frames"), h5py.Dataset):
                     raise TinyWorldsError(f"{path}: HDF5 file has no `frames` dataset")
                 shape, dtype = tuple(f["frames"].shape), f["frames"].dtype
@@ -175,7 +242,7 @@ def open_frame_store(path: str | os.PathLike) -> FrameStore:
         detail = " ".join(str(err).split())
         raise TinyWorldsError(f"{path}: cannot read frame store ({type(err).__name__}: {detail})") from None
     _check_frames(path, shape, dtype)
-    return FrameStore(path, kind, shape, _check_actions(path, actions, shape[0]), attrs)
+    return FrameStore(path, kind, shape, _check_actions(path, actions, shape[0]), attrs, storage_options)
 
 
 def file_sha256(path: str | Path) -> str:

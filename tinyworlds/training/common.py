@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, fields
+import sys
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -11,9 +12,10 @@ import torch
 from einops import rearrange
 
 from tinyworlds.data.clips import ClipDataset, SplitConfig, VideoArrays, open_array
+from tinyworlds.data.stores import Location, is_url, open_zarr_group
 from tinyworlds.errors import TinyWorldsError
 from tinyworlds.params import Layout, dataset_names, section
-from tinyworlds.training.device import pick_device
+from tinyworlds.training import distributed
 from tinyworlds.training.loop import TrainConfig
 
 # Stores smaller than this are read into memory once: a clip is then a slice instead of a
@@ -24,13 +26,21 @@ PRELOAD_MAX_BYTES = 2 * 1024**3
 def build_train_config(params: dict[str, Any], stage_section: str) -> TrainConfig:
     """The shared `train` section overlaid with `<stage_section>.train` (minus data-shape keys)."""
     shared = dict(section(params, "train"))
+    # Where and on how many processes, not what is trained: a run resumes on another device
+    # or number of processes (the batches are the same).
     shared.pop("device", None)
+    shared.pop("nproc", None)
     own = {k: v for k, v in dict(section(params, stage_section, "train")).items() if k != "clip_len"}
     known = {f.name for f in fields(TrainConfig)}
     unknown = sorted((set(shared) | set(own)) - known)
     if unknown:
         raise TinyWorldsError(f"params.yaml: unknown training setting(s) {unknown} in train / {stage_section}.train")
-    return TrainConfig(**{**shared, **own})
+    config = TrainConfig(**{**shared, **own})
+    # batch_size is the global batch, split evenly over the processes: say so before they start.
+    if config.batch_size % distributed.world_size():
+        raise TinyWorldsError(f"params.yaml: {stage_section}.train.batch_size={config.batch_size}: "
+                              f"must divide by the number of processes ({distributed.world_size()})")
+    return config
 
 
 def build_model_config(config_cls, params: dict[str, Any], stage_section: str, **derived):
@@ -52,14 +62,71 @@ def split_config(params: dict[str, Any]) -> SplitConfig:
 
 
 def device_for(params: dict[str, Any]) -> torch.device:
-    return pick_device(str(params.get("train", {}).get("device", "auto")))
+    """`train.device`; under torchrun with CUDA, this rank's GPU (cuda:LOCAL_RANK)."""
+    return distributed.rank_device(str(params.get("train", {}).get("device", "auto")))
 
 
-def frame_store_shape(layout: Layout, names: list[str]) -> tuple[int, int]:
+@dataclass(frozen=True)
+class DataRoot:
+    """Where the training stages read frame, token and latent-action stores: `data.root`.
+
+    `data` (the default) is the project's data/ folder: the stores ingest, tokenize and
+    train_actions write (`Layout`). Another folder, or an fsspec URL (s3://bucket/tinyworlds),
+    holds copies in the same layout below it (frames/NAME.zarr, tokens/NAME.zarr,
+    latent_actions/NAME.zarr), read with `data.storage_options`. Stages always write the
+    local layout, which DVC tracks; a copy elsewhere is for reading training data at scale.
+    """
+
+    layout: Layout
+    root: str | None = None  # None: the local layout itself
+    storage_options: dict | None = None
+
+    def store(self, kind: str, name: str) -> Location:
+        """The store of `kind` (frames | tokens | latent_actions) for dataset `name`."""
+        local = getattr(self.layout, kind)(name)
+        if self.root is None:
+            return local
+        below = local.relative_to(self.layout.root / "data").as_posix()  # e.g. frames/pong.zarr
+        return f"{self.root.rstrip('/')}/{below}" if is_url(self.root) else self.layout.root / self.root / below
+
+    def frames(self, name: str) -> Location:
+        return self.store("frames", name)
+
+    def tokens(self, name: str) -> Location:
+        return self.store("tokens", name)
+
+    def latent_actions(self, name: str) -> Location:
+        return self.store("latent_actions", name)
+
+    def identity(self, kind: str, name: str) -> dict[str, Any]:
+        """`store_identity` of the store read, with a warning if a local copy differs from it."""
+        found = store_identity(self.store(kind, name), self.storage_options)
+        local = getattr(self.layout, kind)(name)
+        if self.root is not None and local.exists() and distributed.is_main_process():
+            here = store_identity(local)
+            if (here["attrs"], here["arrays"]) != (found["attrs"], found["arrays"]):
+                # Warn, not fail: a smaller local sample is legitimate; a stale copy is not.
+                print(f"warning: {found['path']} differs from {local} (shapes or provenance); "
+                      f"training reads the former, DVC tracks the latter", file=sys.stderr)
+        return found
+
+
+def data_root(params: dict[str, Any], layout: Layout) -> DataRoot:
+    """`data.root` and `data.storage_options` from params, checked."""
+    data = params.get("data") or {}
+    root, options = data.get("root") or "data", data.get("storage_options") or None
+    if not isinstance(root, str):
+        raise TinyWorldsError(f"params.yaml: data.root={root!r}: must be a folder or a URL such as s3://bucket/tinyworlds")
+    if options is not None and not isinstance(options, dict):
+        raise TinyWorldsError(f"params.yaml: data.storage_options must be a mapping of fsspec options, got {options!r}")
+    return DataRoot(layout, None if root == "data" else root, options)
+
+
+def frame_store_shape(data: DataRoot, names: list[str]) -> tuple[int, int]:
     """(size, channels) shared by every frame store trained on together, or a clear error."""
     shapes = {}
     for name in names:
-        frames = open_array(layout.frames(name), "frames")
+        frames = open_array(data.frames(name), "frames", data.storage_options)
         shapes[name] = tuple(frames.shape[1:])
     if len(set(shapes.values())) != 1:
         raise TinyWorldsError(f"datasets trained together must have the same frame shape; got {shapes}")
@@ -69,11 +136,9 @@ def frame_store_shape(layout: Layout, names: list[str]) -> tuple[int, int]:
     return height, channels
 
 
-def store_identity(path: Path) -> dict[str, Any]:
+def store_identity(path: Location, storage_options: dict | None = None) -> dict[str, Any]:
     """What identifies a store's content cheaply: its length and its recorded provenance."""
-    import zarr
-
-    group = zarr.open_group(str(path), mode="r")
+    group = open_zarr_group(path, storage_options)
     attrs = dict(group.attrs)
     return {"path": str(path), "attrs": {k: attrs[k] for k in sorted(attrs) if "sha256" in k or k.startswith("tokenizer")},
             "arrays": {name: list(array.shape) for name, array in group.arrays()}}
@@ -83,7 +148,7 @@ def should_preload(videos: list[VideoArrays]) -> bool:
     total = 0
     for video in videos:
         for path, name in video.fields.values():
-            array = open_array(path, name)
+            array = open_array(path, name, video.storage_options)
             total += int(np.prod(array.shape)) * array.dtype.itemsize
     return total <= PRELOAD_MAX_BYTES
 
@@ -96,8 +161,8 @@ def clip_datasets(params: dict[str, Any], videos: list[VideoArrays], length: int
     return ClipDataset(videos, split="train", **common), ClipDataset(videos, split="val", **common)
 
 
-def frame_videos(layout: Layout, names: list[str]) -> list[VideoArrays]:
-    return [VideoArrays(name, {"frames": (layout.frames(name), "frames")}) for name in names]
+def frame_videos(data: DataRoot, names: list[str]) -> list[VideoArrays]:
+    return [VideoArrays(name, {"frames": (data.frames(name), "frames")}, data.storage_options) for name in names]
 
 
 
@@ -110,9 +175,12 @@ def image_grid(rows: list[torch.Tensor]) -> np.ndarray:
 
 
 def open_tracking(stage: str, params: dict[str, Any], datasets: list[str], config: dict[str, Any]):
-    """The MLflow run of this stage (see tinyworlds.tracking), checked before training starts."""
+    """The MLflow run of this stage (see tinyworlds.tracking), checked before training starts;
+    on ranks other than 0 a `ReplicaRun` that logs nothing."""
     from tinyworlds.tracking import StageRun
 
+    if not distributed.is_main_process():
+        return ReplicaRun()
     tracking = params.get("tracking", {}) or {}
     return StageRun(
         stage=stage,
@@ -122,6 +190,22 @@ def open_tracking(stage: str, params: dict[str, Any], datasets: list[str], confi
         tracking_uri=tracking.get("uri"),
     )
 
+
+
+class ReplicaRun:
+    """The tracking run of a rank other than 0: rank 0 logs for the whole process group."""
+
+    def __enter__(self) -> ReplicaRun:
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        return False
+
+    def log_metrics(self, metrics, step=None) -> None:
+        pass
+
+    def log_image(self, image, artifact_file: str) -> None:
+        pass
 
 
 def resolved_config(**parts: Any) -> dict[str, Any]:
@@ -144,5 +228,6 @@ def finish_training(stage: str, result, layout: Layout, run, model_dir: Path, ex
     write_history_csv(result.history, layout.history(stage))
     run.log_final(final)
     run.log_artifact(model_dir / "config.json")
-    run.set_tags({"tinyworlds.model_dir": str(model_dir), "tinyworlds.resumed_from_step": str(result.resumed_from)})
+    run.set_tags({"tinyworlds.model_dir": str(model_dir), "tinyworlds.resumed_from_step": str(result.resumed_from),
+                  "tinyworlds.processes": str(distributed.world_size())})
     return final

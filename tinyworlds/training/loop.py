@@ -13,6 +13,9 @@ Assembled from named steps (`build_optimizer`, `build_loaders`, `restore_if_poss
 - Sync-free hot path: losses are summed on the device and read once per `log_every` steps.
   A non-finite loss is noticed there and stops training with the first bad step named;
   since checkpoints are only written after that check, the last one on disk is good.
+- Distributed: under torchrun (`train.nproc` > 1) the same loop runs on every rank with DDP
+  or FSDP2, each rank on its slice of the global batch, rank 0 alone writing; see
+  `tinyworlds.training.distributed`.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from tinyworlds.atomic import atomic_output
 from tinyworlds.errors import TinyWorldsError
+from tinyworlds.training import distributed
 from tinyworlds.training.device import autocast, configure_backends, resolve_precision
 
 LossFn = Callable[[torch.nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, torch.Tensor]]]
@@ -60,6 +64,7 @@ class TrainConfig:
     compile: bool = False
     num_workers: int = 0
     seed: int = 0
+    fsdp: bool = False  # with several processes: FSDP2 (sharded weights and optimizer) instead of DDP
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "grad_accum", "log_every", "val_every", "val_batches", "checkpoint_every"):
@@ -78,19 +83,29 @@ class TrainConfig:
 
 
 class StepBatchSampler(Sampler[list[int]]):
-    """Batches of indices for micro-steps [start, stop): batch k depends only on (seed, k)."""
+    """Batches of indices for micro-steps [start, stop): batch k depends only on (seed, k).
 
-    def __init__(self, num_items: int, batch_size: int, seed: int, start: int, stop: int) -> None:
+    `batch_size` is the global batch: with `world_size` processes, batch k is the same as in
+    one process and rank r takes its contiguous slice of batch_size / world_size indices.
+    """
+
+    def __init__(self, num_items: int, batch_size: int, seed: int, start: int, stop: int,
+                 rank: int = 0, world_size: int = 1) -> None:
+        if batch_size % world_size:
+            raise TinyWorldsError(f"train.batch_size={batch_size}: must divide by the number of processes ({world_size})")
         self.num_items, self.batch_size, self.seed, self.start, self.stop = num_items, batch_size, seed, start, stop
+        self.rank, self.world_size = rank, world_size
 
     def __len__(self) -> int:
         return self.stop - self.start
 
     def __iter__(self) -> Iterator[list[int]]:
         generator = torch.Generator()
+        share = self.batch_size // self.world_size
         for micro_step in range(self.start, self.stop):
             generator.manual_seed(self.seed * 1_000_003 + micro_step)
-            yield torch.randint(self.num_items, (self.batch_size,), generator=generator).tolist()
+            batch = torch.randint(self.num_items, (self.batch_size,), generator=generator)  # [B], global
+            yield batch[self.rank * share : (self.rank + 1) * share].tolist()
 
 
 def fingerprint(*parts: Any) -> str:
@@ -126,15 +141,23 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
 
 
 class StopRequested:
-    """Ctrl-C / SIGTERM ask the loop to stop after the current step; a second one kills."""
+    """Ctrl-C / SIGTERM ask the loop to stop after the current step; a second one kills.
 
-    def __init__(self) -> None:
+    Under torchrun a rank gets a terminal's Ctrl-C and torchrun's forwarded copy of it, so
+    there (`escalate=False`) repeats are ignored: torchrun's SIGKILL after its grace period
+    is the hard stop.
+    """
+
+    def __init__(self, escalate: bool = True) -> None:
         self.requested = False
+        self.escalate = escalate
         self._previous: dict[int, Any] = {}
 
     def _handle(self, signum, frame) -> None:
-        if self.requested:
+        if self.requested and self.escalate:
             raise KeyboardInterrupt
+        if self.requested:
+            return
         self.requested = True
         print(f"\n{signal.Signals(signum).name}: stopping after this step and saving a checkpoint", file=sys.stderr)
 
@@ -188,7 +211,11 @@ class TrainResult:
 
 
 class Trainer:
-    """Trains `model` with `loss_fn` on `train_set`, validating on `val_set`."""
+    """Trains `model` with `loss_fn` on `train_set`, validating on `val_set`.
+
+    In a process group (torchrun) it trains on this rank's slice of every global batch, with
+    the model under DDP, or FSDP2 when `config.fsdp`; see `tinyworlds.training.distributed`.
+    """
 
     def __init__(
         self,
@@ -207,6 +234,11 @@ class Trainer:
     ) -> None:
         if len(train_set) == 0:
             raise TinyWorldsError(f"{name}: the training split has no clips (videos too short for the clip length?)")
+        self.rank, self.world_size = distributed.rank(), distributed.world_size()
+        self.is_main = self.rank == 0
+        self.fsdp = config.fsdp and self.world_size > 1
+        # FSDP shards `model` in place: rank 0 keeps an unsharded copy to hand the result back in.
+        self.plain_model = distributed.plain_copy(model) if self.fsdp else None
         self.name, self.model, self.loss_fn, self.config, self.device = name, model.to(device), loss_fn, config, device
         self.train_set, self.val_set = train_set, val_set
         self.state_dir, self.state_fingerprint = Path(state_dir), state_fingerprint
@@ -215,58 +247,112 @@ class Trainer:
         self.tokens_per_item = tokens_per_item
         self.precision = resolve_precision(config.precision, device)
         configure_backends(device)
+        # DDP / FSDP wrap `loss_fn(model, batch)` as one forward; the optimizer is built after
+        # FSDP has swapped the parameters for their shards.
+        self.wrapped = distributed.wrap(self.model, loss_fn, device, self.fsdp) if self.world_size > 1 else None
         self.optimizer, self.scheduler = build_optimizer(self.model, config, device)
         self.step = 0
         self.history: list[dict[str, float]] = []
-        self.step_fn = torch.compile(self.loss_fn) if config.compile else self.loss_fn
+        forward = self.wrapped if self.wrapped is not None else self.loss_fn
+        self.step_fn = torch.compile(forward) if config.compile else forward
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The training loss of this rank's batch (through DDP / FSDP when distributed)."""
+        return self.step_fn(batch) if self.wrapped is not None else self.step_fn(self.model, batch)
 
     # -- state -------------------------------------------------------------------------------
     def save_state(self) -> None:
-        with atomic_output(self.state_dir) as tmp:
-            tmp.mkdir()
-            save_file({k: v.contiguous() for k, v in self.model.state_dict().items()}, tmp / "model.safetensors")
-            torch.save(
-                {
-                    "optimizer": self.optimizer.state_dict(),
+        """Write the training state (rank 0; every rank takes part in gathering it)."""
+        rank_rng = None
+        if self.world_size > 1:
+            cuda = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
+            rank_rng = distributed.all_gather({"torch": torch.get_rng_state(), "cuda": cuda})
+        if self.fsdp:
+            model_state, optimizer_state = distributed.full_state(self.model, self.optimizer)
+        else:
+            model_state, optimizer_state = self.model.state_dict(), self.optimizer.state_dict()
+        if self.is_main:
+            with atomic_output(self.state_dir) as tmp:
+                tmp.mkdir()
+                save_file({k: v.contiguous() for k, v in model_state.items()}, tmp / "model.safetensors")
+                extra = {
+                    "optimizer": optimizer_state,
                     "scheduler": self.scheduler.state_dict(),
                     "torch_rng": torch.get_rng_state(),
-                    "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else [],
-                },
-                tmp / "optimizer.pt",
-            )
-            (tmp / "state.json").write_text(
-                json.dumps({"fingerprint": self.state_fingerprint, "step": self.step, "history": self.history})
-            )
+                    "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" and not rank_rng else [],
+                }
+                if rank_rng:
+                    extra["rank_rng"] = rank_rng  # every rank's random stream, in rank order
+                torch.save(extra, tmp / "optimizer.pt")
+                (tmp / "state.json").write_text(
+                    json.dumps({"fingerprint": self.state_fingerprint, "step": self.step, "history": self.history})
+                )
+        distributed.barrier()
 
-    def restore_if_possible(self) -> int:
-        """Continue from `state_dir` if it holds a state of this very run; returns the step."""
+    def saved_meta(self) -> dict[str, Any] | None:
+        """state.json of `state_dir` if it holds a state of this very run, else None."""
         meta_path = self.state_dir / "state.json"
         if not meta_path.is_file():
-            return 0
+            return None
         try:
             meta = json.loads(meta_path.read_text())
         except (OSError, json.JSONDecodeError):
             print(f"{self.name}: ignoring unreadable training state in {self.state_dir}", file=sys.stderr)
-            return 0
+            return None
         if meta.get("fingerprint") != self.state_fingerprint:
             print(f"{self.name}: training state in {self.state_dir} is from another config; starting over", file=sys.stderr)
+            return None
+        return meta
+
+    def restore_if_possible(self) -> int:
+        """Continue from `state_dir` if it holds a state of this very run; returns the step.
+
+        Rank 0 decides and tells the others; then every rank loads the weights and optimizer.
+        """
+        meta = self.saved_meta() if self.is_main else None
+        if self.world_size > 1:
+            meta = distributed.broadcast(meta)
+        if meta is None:
             return 0
-        self.model.load_state_dict(load_file(self.state_dir / "model.safetensors", device=str(self.device)))
-        extra = torch.load(self.state_dir / "optimizer.pt", map_location=self.device, weights_only=True)
-        self.optimizer.load_state_dict(extra["optimizer"])
+        # FSDP shards whole tensors from the CPU; otherwise load straight onto the device.
+        where = "cpu" if self.fsdp else self.device
+        model_state = load_file(self.state_dir / "model.safetensors", device=str(where))
+        extra = torch.load(self.state_dir / "optimizer.pt", map_location=where, weights_only=True)
+        if self.fsdp:
+            distributed.load_full_state(self.model, self.optimizer, model_state, extra["optimizer"])
+        else:
+            self.model.load_state_dict(model_state)
+            self.optimizer.load_state_dict(extra["optimizer"])
         self.scheduler.load_state_dict(extra["scheduler"])
-        torch.set_rng_state(extra["torch_rng"].cpu())
-        if extra["cuda_rng"]:
-            torch.cuda.set_rng_state_all([s.cpu() for s in extra["cuda_rng"]])
         self.step, self.history = meta["step"], meta["history"]
-        print(f"{self.name}: resuming from step {self.step} ({self.state_dir})", file=sys.stderr)
+        self.restore_rng(extra)
+        if self.is_main:
+            print(f"{self.name}: resuming from step {self.step} ({self.state_dir})", file=sys.stderr)
         return self.step
+
+    def restore_rng(self, extra: dict[str, Any]) -> None:
+        if self.world_size == 1:
+            torch.set_rng_state(extra["torch_rng"].cpu())
+            if extra["cuda_rng"] and self.device.type == "cuda":
+                torch.cuda.set_rng_state_all([s.cpu() for s in extra["cuda_rng"]])
+            return
+        rank_rng = extra.get("rank_rng") or []
+        if len(rank_rng) != self.world_size:
+            # Written by another number of processes: the batches replay exactly, but the random
+            # streams (masks, noise) of the ranks cannot, so they start afresh from the step.
+            torch.manual_seed(distributed.rank_seed(self.config.seed + self.step, self.rank))
+            return
+        mine = rank_rng[self.rank]
+        torch.set_rng_state(mine["torch"].cpu())
+        if mine["cuda"] is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state(mine["cuda"].cpu(), self.device)
 
     # -- data --------------------------------------------------------------------------------
     def build_loader(self, start_step: int) -> DataLoader:
         accum = self.config.grad_accum
         sampler = StepBatchSampler(
-            len(self.train_set), self.config.batch_size, self.config.seed, start_step * accum, self.config.steps * accum
+            len(self.train_set), self.config.batch_size, self.config.seed, start_step * accum, self.config.steps * accum,
+            rank=self.rank, world_size=self.world_size,
         )
         return DataLoader(
             self.train_set,
@@ -280,7 +366,11 @@ class Trainer:
 
     # -- steps -------------------------------------------------------------------------------
     def validate(self) -> float | None:
-        """Mean loss over the first `val_batches` validation batches, with fixed randomness."""
+        """Mean loss over the first `val_batches` validation batches, with fixed randomness.
+
+        Every rank computes it on the same batches (the single-process value): validation is a
+        small fraction of the work, and FSDP needs every rank in every forward anyway.
+        """
         if self.val_set is None or len(self.val_set) == 0:
             return None
         loader = DataLoader(self.val_set, batch_size=self.config.batch_size, shuffle=False)
@@ -293,8 +383,9 @@ class Trainer:
             for i, batch in enumerate(loader):
                 if i >= self.config.val_batches:
                     break
+                batch = to_device(batch, self.device)
                 with autocast(self.device, self.precision):
-                    loss, _ = self.loss_fn(self.model, to_device(batch, self.device))
+                    loss, _ = self.wrapped(batch) if self.fsdp else self.loss_fn(self.model, batch)
                 total += loss.float()
                 count += 1
         self.model.train()
@@ -302,16 +393,16 @@ class Trainer:
 
     def fit(self) -> TrainResult:
         config = self.config
-        torch.manual_seed(config.seed)
+        torch.manual_seed(distributed.rank_seed(config.seed, self.rank))
         resumed_from = self.restore_if_possible()
         self.model.train()
-        progress = Progress(self.name, config.steps, self.step)
+        progress = Progress(self.name, config.steps, self.step) if self.is_main else None
         sums: dict[str, torch.Tensor] = {}
         first_bad_step = torch.full((), -1, dtype=torch.long, device=self.device)
         interval_start, interval_steps = time.perf_counter(), 0
         batches = iter(self.build_loader(self.step))
         try:
-            with StopRequested() as stop:
+            with StopRequested(escalate=self.world_size == 1) as stop:
                 while self.step < config.steps:
                     metrics = self.train_step(batches)
                     self.step += 1
@@ -320,10 +411,16 @@ class Trainer:
                     first_bad_step = torch.where((first_bad_step < 0) & ~finite, self.step, first_bad_step)
                     for key, value in metrics.items():
                         sums[key] = sums.get(key, 0) + value.detach().float()
+                    # A signal may reach the ranks at different steps: they stop at the same one.
+                    stopping = distributed.agree_to_stop(stop.requested) if self.world_size > 1 else stop.requested
 
-                    boundary = self.step % config.log_every == 0 or self.step == config.steps or stop.requested
+                    boundary = self.step % config.log_every == 0 or self.step == config.steps or stopping
                     if not boundary:
                         continue
+                    if self.world_size > 1:
+                        # Every rank stops on a bad step of any rank, and logs the global-batch means.
+                        first_bad_step = distributed.first_bad_step(first_bad_step)
+                        sums = distributed.mean_over_ranks(sums)
                     bad = int(first_bad_step)  # the one sync per log interval
                     if bad >= 0:
                         raise TinyWorldsError(
@@ -346,36 +443,54 @@ class Trainer:
                             row["val_loss"] = val_loss
                         if self.on_validate is not None:
                             self.model.eval()
-                            with torch.no_grad():
+                            with torch.no_grad(), distributed.gathered(self.wrapped if self.fsdp else None):
                                 self.on_validate(self.model, self.step)
                             self.model.train()
                     row["step"] = self.step
                     self.history.append(row)
-                    self.log({k: v for k, v in row.items() if k != "step"}, self.step)
-                    progress.update(self.step, f"loss {row['loss']:.4f}  {row['steps_per_s']:.2f} it/s")
+                    if self.is_main:
+                        self.log({k: v for k, v in row.items() if k != "step"}, self.step)
+                        progress.update(self.step, f"loss {row['loss']:.4f}  {row['steps_per_s']:.2f} it/s")
                     sums, interval_start, interval_steps = {}, time.perf_counter(), 0
 
-                    if self.step % config.checkpoint_every == 0 or self.step == config.steps or stop.requested:
+                    if self.step % config.checkpoint_every == 0 or self.step == config.steps or stopping:
                         self.save_state()
-                    if stop.requested and self.step < config.steps:
+                    if stopping and self.step < config.steps:
                         raise KeyboardInterrupt
         finally:
-            progress.close()
+            if progress is not None:
+                progress.close()
         final = {k: v for k, v in self.history[-1].items() if k != "step"} if self.history else {}
-        return TrainResult(self.model, self.step, self.history, final, resumed_from)
+        return TrainResult(self.trained_model(), self.step, self.history, final, resumed_from)
+
+    def trained_model(self) -> torch.nn.Module:
+        """The trained model as a plain module: under FSDP gathered into rank 0's copy (other
+        ranks get their shards, which they do not use)."""
+        if not self.fsdp:
+            return self.model
+        model_state, _ = distributed.full_state(self.model)
+        if not self.is_main:
+            return self.model
+        self.plain_model.load_state_dict(model_state)
+        return self.plain_model.to(self.device)
 
     def train_step(self, batches: Iterator[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         """One optimizer step over `grad_accum` micro-batches; returns detached metric tensors."""
         self.optimizer.zero_grad(set_to_none=True)
         totals: dict[str, torch.Tensor] = {}
-        for _ in range(self.config.grad_accum):
+        accum = self.config.grad_accum
+        for micro in range(accum):
             batch = to_device(next(batches), self.device)
-            with autocast(self.device, self.precision):
-                loss, metrics = self.step_fn(self.model, batch)
-            (loss / self.config.grad_accum).backward()
+            # Gradients are averaged over ranks once per step, after the last micro-batch.
+            with distributed.gradient_sync(self.wrapped, enabled=micro == accum - 1):
+                with autocast(self.device, self.precision):
+                    loss, metrics = self.forward(batch)
+                (loss / accum).backward()
             for key, value in {"loss": loss, **metrics}.items():
-                totals[key] = totals.get(key, 0) + value.detach().float() / self.config.grad_accum
+                totals[key] = totals.get(key, 0) + value.detach().float() / accum
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+        if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor replicated on every rank
+            grad_norm = grad_norm.full_tensor()
         self.optimizer.step()
         self.scheduler.step()
         totals["grad_norm"] = grad_norm.detach()

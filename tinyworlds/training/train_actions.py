@@ -22,6 +22,7 @@ from tinyworlds.models.lam import LatentActionConfig, LatentActionModel
 from tinyworlds.models.pixels import to_model, to_uint8
 from tinyworlds.params import Layout, dataset_names, section
 from tinyworlds.training import common
+from tinyworlds.training.distributed import is_main_process
 from tinyworlds.training.loop import Trainer, fingerprint
 from tinyworlds.training.train_tokenizer import preview_clips
 
@@ -72,11 +73,11 @@ def label_transitions(model: LatentActionModel, frames, *, clip_len: int, frame_
     return actions
 
 
-def cache_latent_actions(model: LatentActionModel, frames_path: Path, out: Path, *, clip_len: int,
-                         frame_skip: int, device: torch.device) -> np.ndarray:
+def cache_latent_actions(model: LatentActionModel, frames_path: Path | str, out: Path, *, clip_len: int,
+                         frame_skip: int, device: torch.device, storage_options: dict | None = None) -> np.ndarray:
     import zarr
 
-    actions = label_transitions(model, open_array(frames_path, "frames"), clip_len=clip_len,
+    actions = label_transitions(model, open_array(frames_path, "frames", storage_options), clip_len=clip_len,
                                 frame_skip=frame_skip, device=device)
     with atomic_output(out) as tmp:
         group = zarr.open_group(str(tmp), mode="w")
@@ -89,8 +90,9 @@ def cache_latent_actions(model: LatentActionModel, frames_path: Path, out: Path,
 
 def train_actions(params: dict[str, Any], root: Path = Path(".")) -> dict[str, float]:
     layout = Layout(root)
+    data = common.data_root(params, layout)
     names = dataset_names(params)
-    size, channels = common.frame_store_shape(layout, names)
+    size, channels = common.frame_store_shape(data, names)
     length = common.clip_len(params, "actions")
     frame_skip = int(section(params, "data", "frame_skip"))
     model_config = common.build_model_config(
@@ -98,9 +100,9 @@ def train_actions(params: dict[str, Any], root: Path = Path(".")) -> dict[str, f
     )
     train_config = common.build_train_config(params, "actions")
     device = common.device_for(params)
-    train_set, val_set = common.clip_datasets(params, common.frame_videos(layout, names), length)
+    train_set, val_set = common.clip_datasets(params, common.frame_videos(data, names), length)
     config = common.resolved_config(model=model_config, train=train_config, data=section(params, "data"), device=str(device))
-    state_fingerprint = fingerprint(config, [common.store_identity(layout.frames(n)) for n in names])
+    state_fingerprint = fingerprint(config, [data.identity("frames", n) for n in names])
 
     torch.manual_seed(train_config.seed)
     model = LatentActionModel(model_config)
@@ -123,11 +125,14 @@ def train_actions(params: dict[str, Any], root: Path = Path(".")) -> dict[str, f
             layout.train_state(STAGE), state_fingerprint, log=run.log_metrics, on_validate=show_predictions,
         )
         result = trainer.fit()
+        if not is_main_process():
+            return {}  # rank 0 labels the transitions and writes the outputs
         result.model.eval()
         usage = np.zeros(result.model.num_actions)
         for name in names:
-            actions = cache_latent_actions(result.model, layout.frames(name), layout.latent_actions(name),
-                                           clip_len=length, frame_skip=frame_skip, device=device)
+            actions = cache_latent_actions(result.model, data.frames(name), layout.latent_actions(name),
+                                           clip_len=length, frame_skip=frame_skip, device=device,
+                                           storage_options=data.storage_options)
             usage += np.bincount(actions[actions >= 0], minlength=result.model.num_actions)
         fractions = usage / max(usage.sum(), 1)
         entropy = float(-(fractions[fractions > 0] * np.log(fractions[fractions > 0])).sum())

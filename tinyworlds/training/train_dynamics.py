@@ -13,12 +13,14 @@ from typing import Any
 import torch
 
 from tinyworlds.data.clips import VideoArrays
+from tinyworlds.data.stores import open_zarr_group
 from tinyworlds.errors import TinyWorldsError
 from tinyworlds.models.checkpoint import load_model
 from tinyworlds.models.dynamics import DynamicsConfig, DynamicsModel
 from tinyworlds.models.pixels import to_uint8
 from tinyworlds.params import Layout, dataset_names, section
 from tinyworlds.training import common
+from tinyworlds.training.distributed import is_main_process
 from tinyworlds.training.loop import Trainer, fingerprint
 
 STAGE = "train_dynamics"
@@ -28,21 +30,20 @@ def dynamics_loss(model: DynamicsModel, batch: dict[str, torch.Tensor]):
     return model.loss(batch["tokens"], batch["actions"])
 
 
-def token_videos(layout: Layout, names: list[str]) -> list[VideoArrays]:
+def token_videos(data: common.DataRoot, names: list[str]) -> list[VideoArrays]:
     return [
-        VideoArrays(name, {"tokens": (layout.tokens(name), "tokens"), "actions": (layout.latent_actions(name), "actions")})
+        VideoArrays(name, {"tokens": (data.tokens(name), "tokens"), "actions": (data.latent_actions(name), "actions")},
+                    data.storage_options)
         for name in names
     ]
 
 
-def cache_facts(layout: Layout, names: list[str]) -> dict[str, int]:
+def cache_facts(data: common.DataRoot, names: list[str]) -> dict[str, int]:
     """vocab_size, num_patches and num_actions, read from the caches and checked to agree."""
-    import zarr
-
     facts = {}
     for name in names:
-        tokens = dict(zarr.open_group(str(layout.tokens(name)), mode="r").attrs)
-        actions = dict(zarr.open_group(str(layout.latent_actions(name)), mode="r").attrs)
+        tokens = dict(open_zarr_group(data.tokens(name), data.storage_options).attrs)
+        actions = dict(open_zarr_group(data.latent_actions(name), data.storage_options).attrs)
         found = {"vocab_size": tokens["vocab_size"], "num_patches": tokens["num_patches"], "num_actions": actions["num_actions"]}
         if facts and found != facts:
             raise TinyWorldsError(f"{name}: token/action caches disagree with the other datasets ({found} vs {facts})")
@@ -52,16 +53,17 @@ def cache_facts(layout: Layout, names: list[str]) -> dict[str, int]:
 
 def train_dynamics(params: dict[str, Any], root: Path = Path(".")) -> dict[str, float]:
     layout = Layout(root)
+    data = common.data_root(params, layout)
     names = dataset_names(params)
     length = common.clip_len(params, "dynamics")
     model_config = common.build_model_config(
-        DynamicsConfig, params, "dynamics", max_frames=length, **cache_facts(layout, names)
+        DynamicsConfig, params, "dynamics", max_frames=length, **cache_facts(data, names)
     )
     train_config = common.build_train_config(params, "dynamics")
     device = common.device_for(params)
-    train_set, val_set = common.clip_datasets(params, token_videos(layout, names), length)
+    train_set, val_set = common.clip_datasets(params, token_videos(data, names), length)
     config = common.resolved_config(model=model_config, train=train_config, data=section(params, "data"), device=str(device))
-    identities = [common.store_identity(p) for n in names for p in (layout.tokens(n), layout.latent_actions(n))]
+    identities = [data.identity(kind, n) for n in names for kind in ("tokens", "latent_actions")]
     state_fingerprint = fingerprint(config, identities)
 
     torch.manual_seed(train_config.seed)
@@ -91,4 +93,6 @@ def train_dynamics(params: dict[str, Any], root: Path = Path(".")) -> dict[str, 
             log=run.log_metrics, on_validate=show_predictions, tokens_per_item=length * model_config.num_patches,
         )
         result = trainer.fit()
+        if not is_main_process():
+            return {}  # rank 0 writes the outputs
         return common.finish_training(STAGE, result, layout, run, layout.model("dynamics"), {})

@@ -13,6 +13,7 @@ from tinyworlds.models.pixels import to_model, to_uint8
 from tinyworlds.models.tokenizer import TokenizerConfig, VideoTokenizer
 from tinyworlds.params import Layout, dataset_names, section
 from tinyworlds.training import common
+from tinyworlds.training.distributed import is_main_process
 from tinyworlds.training.loop import Trainer, fingerprint
 
 STAGE = "train_tokenizer"
@@ -50,17 +51,18 @@ def reconstruction_metrics(model: VideoTokenizer, dataset, device, batch_size: i
 
 def train_tokenizer(params: dict[str, Any], root: Path = Path(".")) -> dict[str, float]:
     layout = Layout(root)
+    data = common.data_root(params, layout)
     names = dataset_names(params)
-    size, channels = common.frame_store_shape(layout, names)
+    size, channels = common.frame_store_shape(data, names)
     length = common.clip_len(params, "tokenizer")
     model_config = common.build_model_config(
         TokenizerConfig, params, "tokenizer", frame_size=size, channels=channels, max_frames=length
     )
     train_config = common.build_train_config(params, "tokenizer")
     device = common.device_for(params)
-    train_set, val_set = common.clip_datasets(params, common.frame_videos(layout, names), length)
+    train_set, val_set = common.clip_datasets(params, common.frame_videos(data, names), length)
     config = common.resolved_config(model=model_config, train=train_config, data=section(params, "data"), device=str(device))
-    state_fingerprint = fingerprint(config, [common.store_identity(layout.frames(n)) for n in names])
+    state_fingerprint = fingerprint(config, [data.identity("frames", n) for n in names])
 
     torch.manual_seed(train_config.seed)
     model = VideoTokenizer(model_config)
@@ -81,6 +83,8 @@ def train_tokenizer(params: dict[str, Any], root: Path = Path(".")) -> dict[str,
             log=run.log_metrics, on_validate=show_reconstructions, tokens_per_item=length * model.num_patches,
         )
         result = trainer.fit()
+        if not is_main_process():
+            return {}  # rank 0 evaluates and writes the outputs
         result.model.eval()
         extra = reconstruction_metrics(result.model, val_set, device, train_config.batch_size)
         return common.finish_training(STAGE, result, layout, run, layout.model("tokenizer"), extra)
