@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny test videos made with PyAV, and the checks that compare them."""
+"""Shared fixtures: tiny test videos made with PyAV and the checks that compare them, and tiny
+random-init world models saved into throwaway projects."""
 
 from __future__ import annotations
 
@@ -9,6 +10,18 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
+import torch
+import zarr
+
+from tinyworlds.models import (
+    DynamicsConfig,
+    DynamicsModel,
+    LatentActionConfig,
+    LatentActionModel,
+    TokenizerConfig,
+    VideoTokenizer,
+    save_model,
+)
 
 # Distinct solid colours: source frame j is PALETTE[j % len(PALETTE)], so an output frame's
 # colour tells which source frame it was taken from.
@@ -78,3 +91,56 @@ def make_video(tmp_path: Path) -> Callable[..., Path]:
         return write_video(tmp_path / name, frames if frames is not None else solid_frames(n, width, height), **options)
 
     return make
+
+
+# ---------------------------------------------------------------------------------------------
+# tiny trained-model projects, for what runs downstream of training (world model, dream, play)
+
+SIZE = 16
+NUM_ACTIONS = 4
+WINDOW = 4  # max_frames of all three models: dreams start from 3 context frames
+STORE_FRAMES = 40
+
+
+def save_tiny_models(models_dir: Path, num_actions: int = NUM_ACTIONS) -> None:
+    """A consistent tokenizer / LAM / dynamics triple, random init, a few thousand weights each."""
+    torch.manual_seed(0)
+    shared = dict(frame_size=SIZE, channels=3, patch_size=4, embed_dim=32, num_heads=2, encoder_blocks=1,
+                  decoder_blocks=1, max_frames=WINDOW)
+    tokenizer = VideoTokenizer(TokenizerConfig(**shared, levels=(4, 4)))
+    lam_levels = {4: (2, 2), 8: (2, 2, 2)}[num_actions]
+    actions = LatentActionModel(LatentActionConfig(**shared, levels=lam_levels))
+    dynamics = DynamicsModel(DynamicsConfig(
+        vocab_size=tokenizer.vocab_size, num_patches=tokenizer.num_patches, num_actions=actions.num_actions,
+        embed_dim=32, num_heads=2, num_blocks=1, max_frames=WINDOW,
+    ))
+    for kind, model in (("tokenizer", tokenizer), ("actions", actions), ("dynamics", dynamics)):
+        save_model(model, models_dir / kind)
+
+
+def store_frames(n: int = STORE_FRAMES) -> np.ndarray:
+    """uint8 [N, 16, 16, 3]: a 4x4 block of a palette colour moving over a dark background."""
+    frames = np.full((n, SIZE, SIZE, 3), 20, dtype=np.uint8)
+    for j in range(n):
+        y, x = (j * 3) % (SIZE - 4), (j * 5) % (SIZE - 4)
+        frames[j, y : y + 4, x : x + 4] = (230, 200, 40)
+    return frames
+
+
+def make_project(root: Path) -> Path:
+    """data/models (tiny) and data/frames/pong.zarr under `root`."""
+    save_tiny_models(root / "data" / "models")
+    group = zarr.open_group(root / "data" / "frames" / "pong.zarr", mode="w", zarr_format=3)
+    group.create_array("frames", data=store_frames())
+    group.attrs["fps"] = 15.0
+    return root
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """In-process torch on one thread for every test: the models in tests are tiny, and on a busy
+    2-core machine OpenMP's spinning threads cost seconds per test."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

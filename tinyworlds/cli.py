@@ -135,6 +135,76 @@ def runs(
     print_runs(stage=stage, limit=limit, diff=diff, experiment=experiment)
 
 
+@app.command()
+@user_errors
+def dream(
+    dataset: Annotated[Optional[str], typer.Option(help="Start from a clip of data/frames/NAME.zarr (or a store path).")] = None,
+    index: Annotated[Optional[int], typer.Option(help="First frame of the dataset clip (default: random).")] = None,
+    random: Annotated[bool, typer.Option("--random", help="Start from a random clip (of --dataset, else of any ingested dataset); the default.")] = False,
+    video: Annotated[Optional[Path], typer.Option(help="Start from the first frames of this video file.")] = None,
+    image: Annotated[Optional[Path], typer.Option(help="Start from one image (PNG, JPEG, ...); resized to the model's size.")] = None,
+    frames: Annotated[int, typer.Option(help="Frames to dream after the context.")] = 16,
+    actions: Annotated[Optional[str], typer.Option(help="Action ids, e.g. 0,0,2,1, for every rollout; fewer than --frames repeat from the start, more are cut.")] = None,
+    random_actions: Annotated[bool, typer.Option("--random-actions", help="Random actions, different per rollout (the default).")] = False,
+    replay: Annotated[bool, typer.Option("--replay", help="Replay the real continuation's actions, as the LAM labels them.")] = False,
+    batch: Annotated[int, typer.Option(help="Rollouts at once, with seeds SEED, SEED+1, ...")] = 1,
+    compare: Annotated[bool, typer.Option("--compare", help="Show the real continuation beside the dream.")] = False,
+    context: Annotated[Optional[int], typer.Option(help="Context frames (default: the dynamics model's window - 1).")] = None,
+    fps: Annotated[float, typer.Option(help="Rate a --video is sampled at (use the dataset's, params data.fps).")] = 15.0,
+    crop: Annotated[Optional[str], typer.Option(help="X,Y,W,H box of a --video in source pixels, as its dataset's crop.")] = None,
+    fit: Annotated[str, typer.Option(help="A non-square --video: crop (centre square), pad (letterbox) or stretch.")] = "crop",
+    steps: Annotated[int, typer.Option(help="MaskGIT unmasking steps per frame.")] = 8,
+    schedule: Annotated[str, typer.Option(help="Unmasking schedule: cosine, exponential or linear.")] = "cosine",
+    temperature: Annotated[float, typer.Option(help="Sampling temperature; 0 is greedy.")] = 1.0,
+    seed: Annotated[Optional[int], typer.Option(help="Seed of the sampling, random actions and random start (default: new).")] = None,
+    models: Annotated[Path, typer.Option(help="Directory with tokenizer/, actions/ and dynamics/.")] = Path("data/models"),
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
+    out: Annotated[Optional[Path], typer.Option(help="Output directory (default: a new data/dreams/<time>-<start>).")] = None,
+    scale: Annotated[int, typer.Option(help="Upscale factor of the frames in the videos.")] = 4,
+    log: Annotated[bool, typer.Option("--log", help="Log the videos to MLflow (stage dream).")] = False,
+) -> None:
+    """Dream frames with the trained world model from a dataset clip, a video or an image; write mp4 + gif."""
+    from tinyworlds.dream import dream as run_dream
+
+    if random and index is not None:
+        raise TinyWorldsError("--random and --index: give one of them")
+    result = run_dream(
+        models=models, device=device, dataset=dataset, index=index, video=video, image=image, context=context,
+        fps=fps, crop=parse_crop(crop), fit=fit, frames=frames, actions=actions, random_actions=random_actions, replay=replay, batch=batch,
+        steps=steps, schedule=schedule, temperature=temperature, seed=seed, compare=compare, out=out,
+        scale=scale, log=log, say=lambda line: typer.echo(line, err=True),
+    )
+    typer.echo(result.summary())
+
+
+@app.command()
+@user_errors
+def play(
+    models: Annotated[Path, typer.Option(help="Directory with tokenizer/, actions/ and dynamics/.")] = Path("data/models"),
+    dataset: Annotated[Optional[str], typer.Option(help="Start (and reset) from random clips of this dataset (default: any ingested).")] = None,
+    index: Annotated[Optional[int], typer.Option(help="Always start from this frame of --dataset.")] = None,
+    image: Annotated[Optional[Path], typer.Option(help="Start (and reset) from this image instead.")] = None,
+    keys: Annotated[Optional[str], typer.Option(help="Actions of the arrow/WASD keys, e.g. up=3,down=5,left=1,right=2 (default 0,1,2,3).")] = None,
+    port: Annotated[int, typer.Option(help="Port to serve on (0: any free one).")] = 8000,
+    host: Annotated[str, typer.Option(help="Address to bind; anything but loopback exposes the model to the network.")] = "127.0.0.1",
+    context: Annotated[Optional[int], typer.Option(help="Context frames of a start (default: the dynamics model's window - 1).")] = None,
+    steps: Annotated[int, typer.Option(help="MaskGIT unmasking steps per frame.")] = 8,
+    schedule: Annotated[str, typer.Option(help="Unmasking schedule: cosine, exponential or linear.")] = "cosine",
+    temperature: Annotated[float, typer.Option(help="Sampling temperature; 0 is greedy.")] = 1.0,
+    seed: Annotated[int, typer.Option(help="Seed of the starts and of the sampling.")] = 0,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
+) -> None:
+    """Play the world model in a local web page: keys or buttons pick the latent action of each next frame."""
+    from tinyworlds.play import serve
+    from tinyworlds.world import GenerationSettings
+
+    serve(
+        models=models, device=device, dataset=dataset, index=index, image=image, context=context, keys=keys,
+        settings=GenerationSettings(steps=steps, schedule=schedule, temperature=temperature, seed=seed),
+        host=host, port=port, say=lambda line: typer.echo(line, err=True),
+    )
+
+
 def main() -> None:
     app()
 

@@ -1,0 +1,260 @@
+"""`tinyworlds play`: the JSON API over plain HTTP, the page in a real headless Chromium, the CLI.
+
+The browser test needs Debian's `chromium` and `chromium-driver` (CI installs them) and is
+skipped only when they are missing. Models are the tiny random-init ones of test_dream.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from tests.conftest import NUM_ACTIONS, SIZE, make_project
+from tinyworlds.cli import app as cli_app
+from tinyworlds.errors import TinyWorldsError
+from tinyworlds.play import KeyMap, build_app, make_server
+from tinyworlds.play.server import start_message
+from tinyworlds.world import GenerationSettings
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def server(tmp_path):
+    """A play server on a free loopback port, serving the tiny models; yields its base URL."""
+    root = make_project(tmp_path)
+    play = build_app(models=root / "data" / "models", device="cpu", root=root, settings=GenerationSettings(seed=0),
+                     say=lambda line: None)
+    httpd = make_server(play, "127.0.0.1", 0)
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}/"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def call(url: str, body: dict | bytes | None = None) -> tuple[int, dict | str]:
+    """GET (body None) or POST JSON; returns (status, parsed JSON or text)."""
+    data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, method="GET" if body is None else "POST",
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            status, raw, kind = response.status, response.read(), response.headers["Content-Type"]
+    except urllib.error.HTTPError as err:
+        status, raw, kind = err.code, err.read(), err.headers["Content-Type"]
+    return status, json.loads(raw) if kind == "application/json" else raw.decode()
+
+
+def png_frame(data_url: str) -> np.ndarray:
+    prefix = "data:image/png;base64,"
+    assert data_url.startswith(prefix)
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(data_url[len(prefix) :]))))
+
+
+# ---------------------------------------------------------------------------------------------
+# plain HTTP
+
+
+def test_page_is_self_contained(server):
+    status, page = call(server)
+    assert status == 200
+    assert "image-rendering: pixelated" in page
+    assert not re.search(r"""(src|href)\s*=\s*["'](https?:)?//""", page)  # no external assets
+    assert not re.search(r"""fetch\(\s*["'`]/""", page)  # relative URLs only: works behind ssh -L
+
+
+def test_api_reset_step_and_errors(server):
+    status, info = call(server + "api/info")
+    assert status == 200 and info["num_actions"] == NUM_ACTIONS and info["frame_size"] == SIZE
+    assert info["keys"]["1"] == 0 and info["keys"]["ArrowRight"] == 3 and info["keys"]["d"] == 3
+
+    status, game = call(server + "api/reset", {})
+    assert status == 200 and game["count"] == 0 and game["start"].startswith("pong@")
+    assert png_frame(game["frame"]).shape == (SIZE, SIZE, 3)
+    session = game["session"]
+    for count, action in enumerate([2, 0, 3, 1, 1], start=1):  # past the 4-frame window
+        status, step = call(server + "api/step", {"session": session, "action": action})
+        assert status == 200, step
+        assert step["count"] == count and step["action"] == action and step["generate_ms"] > 0
+        assert png_frame(step["frame"]).shape == (SIZE, SIZE, 3)
+
+    status, again = call(server + "api/reset", {"session": session})  # the same session starts over
+    assert status == 200 and again["session"] == session and again["count"] == 0
+
+    for body, expected_status, message in [
+        ({"session": session, "action": 4}, 400, "action 4 is out of range: this model has 4 latent actions, ids 0..3"),
+        ({"session": session, "action": "up"}, 400, "expected a whole number"),
+        ({"session": "nope", "action": 1}, 404, "session 'nope' is not open"),
+        (b"{not json", 400, "not JSON"),
+    ]:
+        status, error = call(server + "api/step", body)
+        assert status == expected_status and message in error["error"]
+    assert call(server + "api/nothing")[0] == 404
+
+
+def test_session_steps_match_one_rollout(tmp_path):
+    """Frame-by-frame play keeps the tokens, so it makes what one greedy rollout makes, past the window too."""
+    from einops import rearrange
+
+    from tinyworlds.dream import start_from_dataset
+    from tinyworlds.play import PlaySession
+    from tinyworlds.world import WorldModel
+
+    root = make_project(tmp_path)
+    world = WorldModel.load(root / "data" / "models", "cpu")
+    start = start_from_dataset(root / "data" / "frames" / "pong.zarr", size=SIZE, channels=3, context=3, index=4)
+    actions = [2, 0, 3, 3, 1, 2]
+    greedy = GenerationSettings(temperature=0.0)
+    session = PlaySession(world, start, greedy)
+    played = np.stack([session.step(a) for a in actions])  # [N, H, W, C]
+    context = rearrange(torch.from_numpy(start.context), "t h w c -> 1 t c h w")
+    rolled = world.rollout(context, torch.tensor([actions]), settings=greedy)[0]  # [N, C, H, W]
+    assert np.array_equal(played, rearrange(rolled.numpy(), "n c h w -> n h w c"))
+
+
+def test_key_map():
+    keys = KeyMap.build(8, "up=5,left=7").keys
+    assert keys["ArrowUp"] == keys["w"] == 5 and keys["ArrowLeft"] == keys["a"] == 7
+    assert keys["ArrowDown"] == 1 and keys["8"] == 7 and "9" not in keys
+    with pytest.raises(TinyWorldsError, match="action id 9 for up is out of range.*ids 0..7"):
+        KeyMap.build(8, "up=9")
+    with pytest.raises(TinyWorldsError, match="expected up=ID"):
+        KeyMap.build(8, "jump=1")
+
+
+def test_start_message():
+    local = "\n".join(start_message("127.0.0.1", 8123))
+    assert "http://127.0.0.1:8123/" in local and "ssh -L 8123:127.0.0.1:8123" in local and "warning" not in local
+    exposed = "\n".join(start_message("0.0.0.0", 8123))
+    assert "warning: listening on 0.0.0.0, not loopback" in exposed
+
+
+# ---------------------------------------------------------------------------------------------
+# a real browser
+
+
+@pytest.fixture
+def browser(tmp_path):
+    """Headless Chromium driven by selenium; skipped only when chromium/chromedriver are missing."""
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver_path = shutil.which("chromedriver")
+    if chromium is None or driver_path is None:
+        pytest.skip("needs chromium and chromedriver (apt-get install chromium chromium-driver)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                 "--disable-background-networking", "--disable-component-update", "--no-first-run",
+                 f"--user-data-dir={tmp_path / 'chromium-profile'}"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(executable_path=driver_path), options=options)
+    yield driver
+    driver.quit()
+
+
+def test_play_in_a_browser(server, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    wait = WebDriverWait(browser, 30)
+    browser.get(server)
+    frame = browser.find_element(By.ID, "frame")
+    count = browser.find_element(By.ID, "count")
+    wait.until(lambda _: frame.get_attribute("src").startswith("data:image/png"))
+    assert count.text == "0" and browser.find_element(By.ID, "start").text.startswith("pong@")
+    assert frame.value_of_css_property("image-rendering") == "pixelated"
+    assert frame.size["width"] >= 8 * SIZE  # scaled up
+
+    buttons = browser.find_elements(By.CSS_SELECTOR, "button[data-action]")
+    assert [b.get_attribute("data-action") for b in buttons] == [str(a) for a in range(NUM_ACTIONS)]
+    assert "→" in buttons[3].text and "D" in buttons[3].text  # the mapping is shown
+
+    def advanced_to(n: int, before: str):
+        return lambda _: count.text == str(n) and frame.get_attribute("src") != before
+
+    body = browser.find_element(By.TAG_NAME, "body")
+    src = frame.get_attribute("src")
+    body.send_keys("3")  # key 3 -> action 2
+    wait.until(advanced_to(1, src))
+    src = frame.get_attribute("src")
+    body.send_keys(Keys.ARROW_RIGHT)
+    wait.until(advanced_to(2, src))
+    src = frame.get_attribute("src")
+    buttons[1].click()
+    wait.until(advanced_to(3, src))
+    assert re.fullmatch(r"\d+(\.\d)?", browser.find_element(By.ID, "fps").text)
+    assert int(browser.find_element(By.ID, "server-ms").text) >= 0
+    assert browser.find_element(By.ID, "status").text == ""
+
+    browser.find_element(By.ID, "reset").click()
+    wait.until(lambda _: count.text == "0")
+    assert frame.get_attribute("src").startswith("data:image/png")
+
+
+# ---------------------------------------------------------------------------------------------
+# the command
+
+
+def test_cli_serves_and_stops_on_ctrl_c(tmp_path):
+    root = make_project(tmp_path)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tinyworlds.cli", "play", "--port", "0", "--device", "cpu"],
+        cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        lines = []
+        while not any("open http://" in line for line in lines):
+            line = process.stderr.readline()
+            assert line, f"play exited early: {''.join(lines)}"
+            lines.append(line)
+        url = re.search(r"http://127\.0\.0\.1:\d+/", "".join(lines)).group(0)
+        assert "ssh -L" in "".join(lines) or "ssh -L" in process.stderr.readline()
+        assert call(url + "api/info")[1]["num_actions"] == NUM_ACTIONS
+    finally:
+        process.send_signal(signal.SIGINT)
+        _, rest = process.communicate(timeout=30)
+    assert process.returncode == 0 and "stopped" in rest
+
+
+def test_cli_errors_are_one_line(tmp_path, monkeypatch):
+    root = make_project(tmp_path)
+    monkeypatch.chdir(root)
+    runner = CliRunner()
+
+    result = runner.invoke(cli_app, ["play", "--models", "nowhere"])
+    assert result.exit_code == 1 and result.stderr == "error: nowhere: no such model directory (run `dvc repro` first)\n"
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = runner.invoke(cli_app, ["play", "--port", str(port), "--device", "cpu"])
+    assert result.exit_code == 1
+    assert result.stderr == f"error: port {port} on 127.0.0.1 is already in use: pick another with --port\n"
+    assert "Traceback" not in result.output
+
+    result = runner.invoke(cli_app, ["play", "--keys", "up=4", "--device", "cpu"])
+    assert result.exit_code == 1 and "action id 4 for up is out of range" in result.stderr

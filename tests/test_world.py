@@ -1,0 +1,69 @@
+"""WorldModel: the three trained models used together (tiny random-init models)."""
+
+import pytest
+import torch
+
+from tests.conftest import NUM_ACTIONS, SIZE, WINDOW, save_tiny_models, store_frames
+from tinyworlds.errors import TinyWorldsError
+from tinyworlds.models import LatentActionConfig, LatentActionModel, save_model
+from tinyworlds.world import GenerationSettings, WorldModel
+
+
+@pytest.fixture
+def world(tmp_path):
+    save_tiny_models(tmp_path / "models")
+    return WorldModel.load(tmp_path / "models", device="cpu")
+
+
+def clip(n):
+    return torch.from_numpy(store_frames(n)).permute(0, 3, 1, 2)[None]  # [1, n, C, H, W]
+
+
+def test_encode_decode_shapes_and_per_frame_tokens(world):
+    frames = clip(10)
+    tokens = world.encode(frames)
+    assert tokens.shape == (1, 10, world.tokenizer.num_patches)
+    assert torch.equal(tokens[:, 4:5], world.encode(frames[:, 4:5]))  # a frame's tokens are its own
+    decoded = world.decode(tokens)
+    assert decoded.shape == frames.shape and decoded.dtype == torch.uint8
+
+
+def test_decoding_past_the_window_slides_it(world):
+    tokens = world.encode(clip(10))
+    long = world.decode(tokens)  # 10 frames > WINDOW: sliding windows
+    assert torch.equal(long[:, :WINDOW], world.decode(tokens[:, :WINDOW]))
+    assert torch.equal(long[:, 7], world.decode(tokens[:, 7 - WINDOW + 1 : 8])[:, -1])
+
+
+def test_actions_past_the_window_are_labelled_with_full_context(world):
+    frames = clip(9)
+    ids = world.infer_actions(frames)
+    assert ids.shape == (1, 8) and int(ids.max()) < NUM_ACTIONS
+    assert torch.equal(ids[:, : WINDOW - 1], world.infer_actions(frames[:, :WINDOW]))
+    assert torch.equal(ids[:, 7], world.infer_actions(frames[:, 9 - WINDOW :])[:, -1])
+
+
+def test_rollout_is_deterministic_and_the_right_shape(world):
+    context, actions = clip(3), torch.tensor([[0, 1, 2, 3, 1]])
+    settings = GenerationSettings(steps=4, temperature=1.0, seed=5)
+    first = world.rollout(context, actions, settings=settings)
+    assert first.shape == (1, 5, 3, SIZE, SIZE) and first.dtype == torch.uint8
+    assert torch.equal(first, world.rollout(context, actions, settings=settings))
+
+
+def test_bad_inputs_are_one_line_errors(world, tmp_path):
+    with pytest.raises(TinyWorldsError, match=r"action ids must be in 0\.\.3"):
+        world.rollout(clip(3), torch.tensor([[0, 9]]))
+    with pytest.raises(TinyWorldsError, match="expected uint8"):
+        world.encode(clip(3).float())
+    with pytest.raises(TinyWorldsError, match="no such model directory"):
+        WorldModel.load(tmp_path / "nowhere")
+
+
+def test_models_from_different_runs_are_refused(tmp_path):
+    save_tiny_models(tmp_path / "models")
+    other = LatentActionModel(LatentActionConfig(frame_size=SIZE, patch_size=4, embed_dim=32, num_heads=2,
+                                                 encoder_blocks=1, decoder_blocks=1, levels=(2, 2, 2), max_frames=WINDOW))
+    save_model(other, tmp_path / "models" / "actions")  # 8 actions; dynamics expects 4
+    with pytest.raises(TinyWorldsError, match="expects 4 actions"):
+        WorldModel.load(tmp_path / "models", device="cpu")
