@@ -168,7 +168,7 @@ def ran_stages(output: str) -> set[str]:
     return {line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage")}
 
 
-def test_a_tokenizer_edit_reruns_tokenizer_cache_and_dynamics_but_not_data_or_actions(project):
+def test_a_tokenizer_edit_reruns_tokenizer_cache_dynamics_and_evaluate_but_not_data_or_actions(project):
     params_path = project / "params.yaml"
     original = params_path.read_text()
     try:
@@ -176,7 +176,7 @@ def test_a_tokenizer_edit_reruns_tokenizer_cache_and_dynamics_but_not_data_or_ac
         params["tokenizer"]["model"]["embed_dim"] = 48
         params_path.write_text(yaml.safe_dump(params, sort_keys=False))
         assert stale_stages(project) == {"train_tokenizer"}  # downstream goes stale once its inputs change
-        assert ran_stages(dvc(project, "repro").stdout) == {"train_tokenizer", "tokenize", "train_dynamics"}
+        assert ran_stages(dvc(project, "repro").stdout) == {"train_tokenizer", "tokenize", "train_dynamics", "evaluate"}
     finally:
         params_path.write_text(original)
         dvc(project, "repro")

@@ -16,7 +16,7 @@ from tinyworlds.data.stores import Location, is_url, open_zarr_group
 from tinyworlds.errors import TinyWorldsError
 from tinyworlds.params import Layout, dataset_names, section
 from tinyworlds.training import distributed
-from tinyworlds.training.loop import TrainConfig
+from tinyworlds.training.loop import TrainConfig, fingerprint
 
 # Stores smaller than this are read into memory once: a clip is then a slice instead of a
 # chunk decode, which keeps the loader far ahead of training on a 2-core machine.
@@ -231,3 +231,36 @@ def finish_training(stage: str, result, layout: Layout, run, model_dir: Path, ex
     run.set_tags({"tinyworlds.model_dir": str(model_dir), "tinyworlds.resumed_from_step": str(result.resumed_from),
                   "tinyworlds.processes": str(distributed.world_size())})
     return final
+
+
+@dataclass
+class FrameStage:
+    """What a stage that trains on frame clips (tokenizer, latent actions) starts from."""
+
+    layout: Layout
+    data: DataRoot
+    names: list[str]
+    clip_len: int
+    model_config: Any
+    train_config: TrainConfig
+    device: torch.device
+    train_set: ClipDataset
+    val_set: ClipDataset
+    config: dict[str, Any]  # the full resolved config: MLflow params and the resume fingerprint
+    fingerprint: str
+
+
+def prepare_frame_stage(params: dict[str, Any], stage_section: str, config_cls, root: Path) -> FrameStage:
+    """Datasets, configs and device for a model trained on the frames of `data.train_on`."""
+    layout = Layout(root)
+    data = data_root(params, layout)
+    names = dataset_names(params)
+    size, channels = frame_store_shape(data, names)
+    length = clip_len(params, stage_section)
+    model_config = build_model_config(config_cls, params, stage_section, frame_size=size, channels=channels, max_frames=length)
+    train_config = build_train_config(params, stage_section)
+    device = device_for(params)
+    train_set, val_set = clip_datasets(params, frame_videos(data, names), length)
+    config = resolved_config(model=model_config, train=train_config, data=section(params, "data"), device=str(device))
+    identity = fingerprint(config, [data.identity("frames", n) for n in names])
+    return FrameStage(layout, data, names, length, model_config, train_config, device, train_set, val_set, config, identity)

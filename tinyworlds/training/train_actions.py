@@ -8,7 +8,6 @@ trains on.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +19,10 @@ from tinyworlds.atomic import atomic_output
 from tinyworlds.data.clips import open_array
 from tinyworlds.models.lam import LatentActionConfig, LatentActionModel
 from tinyworlds.models.pixels import to_model, to_uint8
-from tinyworlds.params import Layout, dataset_names, section
+from tinyworlds.params import section
 from tinyworlds.training import common
 from tinyworlds.training.distributed import is_main_process
-from tinyworlds.training.loop import Trainer, fingerprint
+from tinyworlds.training.loop import Trainer
 from tinyworlds.training.train_tokenizer import preview_clips
 
 STAGE = "train_actions"
@@ -89,26 +88,16 @@ def cache_latent_actions(model: LatentActionModel, frames_path: Path | str, out:
 
 
 def train_actions(params: dict[str, Any], root: Path = Path(".")) -> dict[str, float]:
-    layout = Layout(root)
-    data = common.data_root(params, layout)
-    names = dataset_names(params)
-    size, channels = common.frame_store_shape(data, names)
-    length = common.clip_len(params, "actions")
+    stage = common.prepare_frame_stage(params, "actions", LatentActionConfig, root)
+    layout, names, length, device = stage.layout, stage.names, stage.clip_len, stage.device
+    train_config, train_set, val_set = stage.train_config, stage.train_set, stage.val_set
     frame_skip = int(section(params, "data", "frame_skip"))
-    model_config = common.build_model_config(
-        LatentActionConfig, params, "actions", frame_size=size, channels=channels, max_frames=length
-    )
-    train_config = common.build_train_config(params, "actions")
-    device = common.device_for(params)
-    train_set, val_set = common.clip_datasets(params, common.frame_videos(data, names), length)
-    config = common.resolved_config(model=model_config, train=train_config, data=section(params, "data"), device=str(device))
-    state_fingerprint = fingerprint(config, [data.identity("frames", n) for n in names])
 
     torch.manual_seed(train_config.seed)
-    model = LatentActionModel(model_config)
+    model = LatentActionModel(stage.model_config)
     preview = preview_clips(val_set).to(device) if len(val_set) else None
 
-    with common.open_tracking(STAGE, params, names, config) as run:
+    with common.open_tracking(STAGE, params, names, stage.config) as run:
 
         def show_predictions(model: LatentActionModel, step: int) -> None:
             if preview is None:
@@ -122,7 +111,7 @@ def train_actions(params: dict[str, Any], root: Path = Path(".")) -> dict[str, f
 
         trainer = Trainer(
             STAGE, model, lam_loss, train_set, val_set, train_config, device,
-            layout.train_state(STAGE), state_fingerprint, log=run.log_metrics, on_validate=show_predictions,
+            layout.train_state(STAGE), stage.fingerprint, log=run.log_metrics, on_validate=show_predictions,
         )
         result = trainer.fit()
         if not is_main_process():
@@ -130,9 +119,9 @@ def train_actions(params: dict[str, Any], root: Path = Path(".")) -> dict[str, f
         result.model.eval()
         usage = np.zeros(result.model.num_actions)
         for name in names:
-            actions = cache_latent_actions(result.model, data.frames(name), layout.latent_actions(name),
+            actions = cache_latent_actions(result.model, stage.data.frames(name), layout.latent_actions(name),
                                            clip_len=length, frame_skip=frame_skip, device=device,
-                                           storage_options=data.storage_options)
+                                           storage_options=stage.data.storage_options)
             usage += np.bincount(actions[actions >= 0], minlength=result.model.num_actions)
         fractions = usage / max(usage.sum(), 1)
         entropy = float(-(fractions[fractions > 0] * np.log(fractions[fractions > 0])).sum())

@@ -11,10 +11,9 @@ from tinyworlds.evaluation.metrics import finite_mean, psnr
 from tinyworlds.models.fsq import id_usage, perplexity
 from tinyworlds.models.pixels import to_model, to_uint8
 from tinyworlds.models.tokenizer import TokenizerConfig, VideoTokenizer
-from tinyworlds.params import Layout, dataset_names, section
 from tinyworlds.training import common
 from tinyworlds.training.distributed import is_main_process
-from tinyworlds.training.loop import Trainer, fingerprint
+from tinyworlds.training.loop import Trainer
 
 STAGE = "train_tokenizer"
 
@@ -50,25 +49,15 @@ def reconstruction_metrics(model: VideoTokenizer, dataset, device, batch_size: i
 
 
 def train_tokenizer(params: dict[str, Any], root: Path = Path(".")) -> dict[str, float]:
-    layout = Layout(root)
-    data = common.data_root(params, layout)
-    names = dataset_names(params)
-    size, channels = common.frame_store_shape(data, names)
-    length = common.clip_len(params, "tokenizer")
-    model_config = common.build_model_config(
-        TokenizerConfig, params, "tokenizer", frame_size=size, channels=channels, max_frames=length
-    )
-    train_config = common.build_train_config(params, "tokenizer")
-    device = common.device_for(params)
-    train_set, val_set = common.clip_datasets(params, common.frame_videos(data, names), length)
-    config = common.resolved_config(model=model_config, train=train_config, data=section(params, "data"), device=str(device))
-    state_fingerprint = fingerprint(config, [data.identity("frames", n) for n in names])
+    stage = common.prepare_frame_stage(params, "tokenizer", TokenizerConfig, root)
+    layout, names, length, device = stage.layout, stage.names, stage.clip_len, stage.device
+    train_config, train_set, val_set = stage.train_config, stage.train_set, stage.val_set
 
     torch.manual_seed(train_config.seed)
-    model = VideoTokenizer(model_config)
+    model = VideoTokenizer(stage.model_config)
     preview = preview_clips(val_set).to(device) if len(val_set) else None
 
-    with common.open_tracking(STAGE, params, names, config) as run:
+    with common.open_tracking(STAGE, params, names, stage.config) as run:
 
         def show_reconstructions(model: VideoTokenizer, step: int) -> None:
             if preview is None:
@@ -79,7 +68,7 @@ def train_tokenizer(params: dict[str, Any], root: Path = Path(".")) -> dict[str,
 
         trainer = Trainer(
             STAGE, model, tokenizer_loss, train_set, val_set, train_config, device,
-            layout.train_state(STAGE), state_fingerprint,
+            layout.train_state(STAGE), stage.fingerprint,
             log=run.log_metrics, on_validate=show_reconstructions, tokens_per_item=length * model.num_patches,
         )
         result = trainer.fit()
