@@ -20,7 +20,6 @@ from torch import Tensor, nn
 
 from tinyworlds.models.blocks import (
     SpaceTimeTransformer,
-    check,
     check_attention,
     check_frames,
     check_levels,
