@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -121,15 +123,17 @@ def test_generate_is_deterministic_per_seed():
     assert not torch.equal(first, model.generate(context, actions, steps=4, seed=8))
 
 
-def test_batched_generation_equals_per_sample_generation():
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_batched_generation_equals_per_sample_generation(use_cache):
     model = tiny_dynamics()
     context, context_actions = random_clip(batch=3, frames=2)
     actions = torch.randint(0, A, (3, 2))
     seeds = torch.tensor([11, 5, 11])
-    batched = model.generate(context, actions, context_actions=context_actions, steps=3, seed=seeds)
+    batched = model.generate(context, actions, context_actions=context_actions, steps=3, seed=seeds,
+                             use_cache=use_cache)
     alone = torch.cat([
         model.generate(context[i:i + 1], actions[i:i + 1], context_actions=context_actions[i:i + 1], steps=3,
-                       seed=int(seeds[i]))
+                       seed=int(seeds[i]), use_cache=use_cache)
         for i in range(3)
     ])
     assert torch.equal(batched, alone)
@@ -137,6 +141,121 @@ def test_batched_generation_equals_per_sample_generation():
     from_int = model.generate(context, actions, context_actions=context_actions, steps=3, seed=4)
     assert torch.equal(from_int[1:2], model.generate(context[1:2], actions[1:2], context_actions=context_actions[1:2],
                                                      steps=3, seed=5))
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0, 0.7])
+@pytest.mark.parametrize(("context_frames", "new_frames"), [(1, 3), (3, 1), (2, 5), (6, 2)])
+def test_cached_generation_equals_the_uncached_reference(temperature, context_frames, new_frames):
+    # Short contexts fill the window; (2, 5) and (6, 2) slide it, so the cache is rebuilt with
+    # new time positions and a null action on the window's first frame.
+    model = tiny_dynamics(num_blocks=3)
+    context, context_actions = random_clip(batch=3, frames=context_frames, seed=context_frames)
+    actions = torch.randint(0, A + 1, (3, new_frames), generator=torch.Generator().manual_seed(1))  # A: unknown
+    for schedule in ("cosine", "exponential"):
+        kwargs = dict(context_actions=context_actions, steps=5, schedule=schedule, temperature=temperature, seed=3)
+        cached = model.generate(context, actions, **kwargs)
+        assert torch.equal(cached, model.generate(context, actions, use_cache=False, **kwargs))
+
+
+@torch.inference_mode()
+def first_generate(model, context, actions, *, steps, temperature, seed, schedule="cosine"):
+    """generate() as first written, kept as an oracle: the whole window re-run at every MaskGIT
+    step and every position scored (the cache, and scoring only masked positions, must not
+    change a single token). Context actions unknown."""
+    b, _, p = context.shape
+    seeds = seed + torch.arange(b)
+    tokens, past = context, torch.full((b, context.shape[1] - 1), A)
+    for n in range(actions.shape[1]):
+        past = torch.cat([past, actions[:, n:n + 1]], dim=1)
+        known = tokens[:, -(model.config.max_frames - 1):]
+        frame = torch.full((b, p), V)
+        for step in range(steps):
+            window = torch.cat([known, frame[:, None]], dim=1)
+            logits = model.head(model.features(window, past[:, -known.shape[1]:])[:, -1])
+            if temperature == 0:
+                probs = logits.softmax(-1)
+                sampled = probs.argmax(-1)
+            else:
+                probs = (logits / temperature).softmax(-1)
+                cdf = probs.cumsum(-1)
+                u = uniform_noise(seeds, n, step, p) * cdf[..., -1]
+                sampled = torch.searchsorted(cdf, u[..., None])[..., 0].clamp_max(V - 1)
+            confidence = probs.gather(-1, sampled[..., None])[..., 0]
+            sampled = torch.where(frame != V, frame, sampled)
+            confidence = torch.where(frame != V, 2.0, confidence)
+            keep_count = p - math.floor(p * MASK_SCHEDULES[schedule]((step + 1) / steps))
+            order = confidence.argsort(dim=-1, descending=True, stable=True)
+            keep = torch.zeros_like(frame, dtype=torch.bool).scatter_(-1, order[:, :keep_count], True)
+            frame = torch.where(keep, sampled, V)
+        tokens = torch.cat([tokens, frame[:, None]], dim=1)
+    return tokens[:, context.shape[1]:]
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0, 0.7])
+def test_generation_equals_the_first_implementation(temperature):
+    model = tiny_dynamics(num_blocks=3)
+    context, _ = random_clip(batch=3, frames=2, seed=4)
+    actions = torch.randint(0, A, (3, 4), generator=torch.Generator().manual_seed(2))  # slides the window
+    for schedule in ("cosine", "linear"):
+        oracle = first_generate(model, context, actions, steps=6, temperature=temperature, seed=9, schedule=schedule)
+        for use_cache in (True, False):
+            new = model.generate(context, actions, steps=6, temperature=temperature, seed=9, schedule=schedule,
+                                 use_cache=use_cache)
+            assert torch.equal(new, oracle)
+
+
+def test_cached_generation_equals_the_reference_for_a_trained_model():
+    # A trained model is confident: ties and near-ties in the confidence ranking are where a
+    # rounding difference between the two paths would show.
+    model = tiny_dynamics().train()
+    tokens, actions = random_clip(batch=4, frames=4)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(60):
+        loss, _ = model.loss(tokens, actions)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    for temperature in (0.0, 1.0):
+        kwargs = dict(context_actions=actions[:, :1], steps=4, temperature=temperature, seed=0)
+        cached = model.generate(tokens[:, :2], actions[:, 1:], **kwargs)
+        assert torch.equal(cached, model.generate(tokens[:, :2], actions[:, 1:], use_cache=False, **kwargs))
+
+
+def test_cached_transformer_step_equals_the_last_frame_of_the_full_forward():
+    model = tiny_dynamics()
+    tokens, actions = random_clip(batch=2, frames=4)
+    x, cond = model.token_embed(tokens), model.conditions(actions)  # [B, T, P, E], [B, T, E]
+    full = model.transformer(x, cond)  # [B, T, P, E]
+    prefix, cache = model.transformer.forward_cached(x[:, :3], cond[:, :3])
+    assert torch.allclose(prefix, full[:, :3], atol=1e-5)
+    assert len(cache) == 2 and cache[0][0].shape == (2 * P, 3, 32)  # [B*P, T, E] per block
+    last, _ = model.transformer.forward_cached(x[:, 3:], cond[:, 3:], past=cache)
+    assert torch.allclose(last, full[:, 3:], atol=1e-5)
+    # the cache holds frames 0..2 only: a step from a shorter prefix is a different frame
+    short, short_cache = model.transformer.forward_cached(x[:, :2], cond[:, :2])
+    step, _ = model.transformer.forward_cached(x[:, 2:3], cond[:, 2:3], past=short_cache)
+    assert torch.allclose(step, full[:, 2:3], atol=1e-5)
+
+
+def test_cache_extends_by_one_frame_within_max_frames():
+    model = tiny_dynamics()  # max_frames 4
+    tokens, actions = random_clip(batch=1, frames=4)
+    x, cond = model.token_embed(tokens), model.conditions(actions)
+    _, cache = model.transformer.forward_cached(x[:, :2], cond[:, :2])
+    with pytest.raises(TinyWorldsError, match="exactly one frame"):
+        model.transformer.forward_cached(x[:, 2:], cond[:, 2:], past=cache)
+    _, full_cache = model.transformer.forward_cached(x, cond)
+    with pytest.raises(TinyWorldsError, match="max_frames=4"):
+        model.transformer.forward_cached(x[:, :1], cond[:, :1], past=full_cache)
+
+
+def test_cached_generation_runs_under_bf16_autocast():
+    model = tiny_dynamics()
+    context, _ = random_clip(batch=2, frames=2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        new = model.generate(context, torch.zeros(2, 2, dtype=torch.long), steps=3)
+    assert new.shape == (2, 2, P) and new.min() >= 0 and new.max() < V
 
 
 @pytest.mark.parametrize("schedule", sorted(MASK_SCHEDULES))

@@ -2,7 +2,8 @@
 optional FiLM conditioning, sinusoidal positions, patchify, and config validation helpers.
 
 Dimension keys: B batch, T time, C channels, H/W pixels, S patch size, Hp/Wp patch grid,
-P patches per frame (Hp * Wp), E embedding, E_c conditioning width.
+P patches per frame (Hp * Wp), E embedding, E_c conditioning width, h attention heads,
+d head width (E / h).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import math
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange, repeat
+from einops import rearrange, reduce, repeat
 from torch import Tensor, nn
 
 from tinyworlds.errors import TinyWorldsError
@@ -109,6 +110,9 @@ def sincos_2d(grid: int, dim: int) -> Tensor:
 # ---------------------------------------------------------------------------------------------
 # layers
 
+# The temporal keys and values of one block for some frames: two [B*P, T, E] tensors.
+TimeKV = tuple[Tensor, Tensor]
+
 
 class Attention(nn.Module):
     """Multi-head self-attention over the middle axis of [N, L, E] via fused SDPA kernels."""
@@ -120,10 +124,32 @@ class Attention(nn.Module):
         self.proj = nn.Linear(embed_dim, embed_dim)
 
     def forward(self, x: Tensor, *, causal: bool) -> Tensor:
-        qkv = rearrange(self.qkv(x), "n l (three h d) -> three n h l d", three=3, h=self.num_heads)  # [3, N, h, L, d]
-        q, k, v = qkv.unbind(0)
+        return self.attend(*self.project(x), causal=causal)
+
+    def project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """[N, L, E] -> queries, keys, values, each [N, L, E] (the h heads side by side)."""
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        return q, k, v
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, *, causal: bool) -> Tensor:
+        """Queries [N, L, E] over keys and values [N, S, E] -> [N, L, E]."""
+        q, k, v = (rearrange(z, "n l (h d) -> n h l d", h=self.num_heads) for z in (q, k, v))  # [N, h, L or S, d]
         y = F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # [N, h, L, d]
         return self.proj(rearrange(y, "n h l d -> n l (h d)"))  # [N, L, E]
+
+    def attend_one(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """One query per row [N, 1, E] over keys and values [N, S, E] -> [N, 1, E]; equals attend().
+
+        Dense ops instead of SDPA: with S a few frames and heads of a few channels, SDPA's setup
+        per row and head outweighs the arithmetic (3x slower at TinyWorlds' sizes on CPU).
+        """
+        d = q.shape[-1] // self.num_heads
+        # [E, h] of 0/1, channel e -> head e // d: a matmul with it sums products within each head.
+        head_of = torch.eye(self.num_heads, dtype=q.dtype, device=q.device).repeat_interleave(d, dim=0)  # [E, h]
+        scores = ((q * k) @ head_of) * d**-0.5  # [N, S, h]
+        weights = scores.softmax(dim=1)  # [N, S, h]
+        y = reduce((weights @ head_of.T) * v, "n s e -> n 1 e", "sum")  # [N, 1, E]
+        return self.proj(y)
 
 
 def swiglu_hidden(embed_dim: int) -> int:
@@ -181,6 +207,19 @@ class SpaceTimeBlock(nn.Module):
             nn.init.zeros_(self.film.bias)
 
     def forward(self, x: Tensor, cond: Tensor | None = None) -> Tensor:
+        return self.forward_cached(x, cond)[0]
+
+    def forward_cached(
+        self, x: Tensor, cond: Tensor | None = None, past: TimeKV | None = None
+    ) -> tuple[Tensor, TimeKV | None]:
+        """forward(), also returning the temporal keys and values of x's frames, each [B*P, T, E]
+        (None without temporal attention).
+
+        With `past`, the temporal keys and values of the frames before x (from an earlier call),
+        x is the one frame that follows them [B, 1, P, E]: its temporal attention reads the
+        past frames and itself, so the result equals that frame's slice of forward() over all
+        of them. Valid for a causal block only (the past must not see x).
+        """
         b = x.shape[0]
         film = None
         if self.film is not None:
@@ -191,13 +230,23 @@ class SpaceTimeBlock(nn.Module):
         h = self.attn_space(h, causal=False)
         x = x + rearrange(h, "(b t) p e -> b t p e", b=b)  # [B, T, P, E]
 
+        kv = None
         if self.temporal:
             h = modulate(self.norm_time(x), film, 1)
             h = rearrange(h, "b t p e -> (b p) t e")  # [B*P, T, E]
-            h = self.attn_time(h, causal=self.causal)
+            q, k, v = self.attn_time.project(h)  # each [B*P, T, E]
+            kv = (k, v)
+            if past is None:
+                h = self.attn_time.attend(q, k, v, causal=self.causal)  # [B*P, T, E]
+            else:
+                if not self.causal or x.shape[1] != 1:
+                    raise TinyWorldsError("a temporal cache extends a causal block by exactly one frame")
+                k = torch.cat([past[0], k], dim=1)  # [B*P, T_past+1, E]
+                v = torch.cat([past[1], v], dim=1)  # [B*P, T_past+1, E]
+                h = self.attn_time.attend_one(q, k, v)  # [B*P, 1, E]: the newest frame sees all
             x = x + rearrange(h, "(b p) t e -> b t p e", b=b)  # [B, T, P, E]
 
-        return x + self.mlp(modulate(self.norm_mlp(x), film, 2))  # [B, T, P, E]
+        return x + self.mlp(modulate(self.norm_mlp(x), film, 2)), kv  # [B, T, P, E]
 
 
 def modulate(h: Tensor, film: Tensor | None, site: int) -> Tensor:
@@ -238,10 +287,26 @@ class SpaceTimeTransformer(nn.Module):
         self.norm = nn.RMSNorm(embed_dim)
 
     def forward(self, x: Tensor, cond: Tensor | None = None) -> Tensor:
-        frames = x.shape[1]
-        if frames > self.max_frames:
-            raise TinyWorldsError(f"a clip of {frames} frames is longer than the model's max_frames={self.max_frames}")
-        x = x + self.pos_space + rearrange(self.pos_time[:frames], "t e -> t 1 e")  # [B, T, P, E]
-        for block in self.blocks:
-            x = block(x, cond)
-        return self.norm(x)
+        return self.forward_cached(x, cond)[0]
+
+    def forward_cached(
+        self, x: Tensor, cond: Tensor | None = None, past: list[TimeKV] | None = None
+    ) -> tuple[Tensor, list[TimeKV | None]]:
+        """forward(), also returning a cache: each block's temporal keys and values of x's frames.
+
+        With `past`, the cache of the frames before x, x is the one frame that follows them
+        [B, 1, P, E] (cond [B, 1, E_c]): it takes the next time position and attends over the
+        cached frames in time, and the output equals its slice of forward() over all the frames
+        at the cost of one frame. A causal transformer's earlier frames never depend on later
+        ones, which is what makes the cache exact (MaskGIT generation re-runs only the new frame).
+        """
+        start = 0 if past is None else past[0][0].shape[1]  # frames already cached
+        stop = start + x.shape[1]
+        if stop > self.max_frames:
+            raise TinyWorldsError(f"a clip of {stop} frames is longer than the model's max_frames={self.max_frames}")
+        x = x + self.pos_space + rearrange(self.pos_time[start:stop], "t e -> t 1 e")  # [B, T, P, E]
+        cache = []
+        for i, block in enumerate(self.blocks):
+            x, kv = block.forward_cached(x, cond, None if past is None else past[i])
+            cache.append(kv)
+        return self.norm(x), cache

@@ -12,7 +12,11 @@ given context frame does in generation. Cross-entropy is taken on masked positio
 
 Generation makes one frame at a time: all P tokens start masked; at each of `steps` steps
 every masked position is sampled, the most confident samples are kept per the schedule and
-the rest are masked again. The frame is then appended and the next one begins.
+the rest are masked again. The frame is then appended and the next one begins. Since the
+transformer is causal in time and attends within a frame in space, the known frames do not
+depend on the frame being made: they run through the blocks once per new frame, each block's
+temporal keys and values of them are cached, and each MaskGIT step runs only the new frame
+(one frame's work instead of the whole window's; `use_cache=False` is the reference path).
 
 Dimension keys: B batch, T time, N generated frames, P patches per frame, E embedding,
 V vocabulary (token ids; id V is the mask), A actions (action id A is the null action).
@@ -21,11 +25,12 @@ V vocabulary (token ids; id V is the mask), A actions (action id A is the null a
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
+from einops import rearrange, repeat
 from torch import Tensor, nn
 
 from tinyworlds.errors import TinyWorldsError
@@ -115,11 +120,15 @@ class DynamicsModel(nn.Module):
         )
         self.head = nn.Linear(c.embed_dim, c.vocab_size)
 
+    def conditions(self, actions: Tensor) -> Tensor:
+        """Actions [B, T-1] (id A = null) -> each frame's FiLM condition [B, T, E]: the embedding
+        of its incoming action, the null action for frame 0."""
+        null = torch.full_like(actions[:, :1], self.null_action)  # [B, 1]
+        return self.action_embed(torch.cat([null, actions], dim=1))  # [B, T, E]
+
     def features(self, tokens: Tensor, actions: Tensor) -> Tensor:
         """Tokens [B, T, P] (id V = masked) and actions [B, T-1] (id A = null) -> [B, T, P, E]."""
-        null = torch.full_like(actions[:, :1], self.null_action)  # [B, 1]
-        cond = self.action_embed(torch.cat([null, actions], dim=1))  # [B, T, E]: frame t's incoming action
-        return self.transformer(self.token_embed(tokens), cond)  # [B, T, P, E]
+        return self.transformer(self.token_embed(tokens), self.conditions(actions))  # [B, T, P, E]
 
     def forward(self, tokens: Tensor, actions: Tensor) -> Tensor:
         """Tokens [B, T, P] and actions [B, T-1] -> logits [B, T, P, V]."""
@@ -174,6 +183,7 @@ class DynamicsModel(nn.Module):
         schedule: str = "cosine",
         temperature: float = 1.0,
         seed: int | Tensor = 0,
+        use_cache: bool = True,
     ) -> Tensor:
         """Generate N frames after the context, one at a time, by iterative MaskGIT unmasking.
 
@@ -182,6 +192,8 @@ class DynamicsModel(nn.Module):
         max_frames the model sees a sliding window of the latest frames. temperature 0 is
         greedy. seed: an int (sample i uses seed + i) or a LongTensor [B] of per-sample seeds;
         each sample's output depends only on its own seed and inputs, not on the batch.
+        use_cache=False re-runs the whole window at every MaskGIT step (the reference the
+        cached path is tested against; same tokens, several times slower).
         Returns the new tokens [B, N, P].
         """
         b, t, p = self._check_generate_args(context_tokens, actions, context_actions, steps, schedule, temperature)
@@ -203,40 +215,63 @@ class DynamicsModel(nn.Module):
             past_actions = torch.cat([past_actions, actions[:, n : n + 1].long()], dim=1)  # [B, T]
             known = tokens[:, -window:]  # [B, K, P]
             # The window's first frame takes the null action, as frame 0 does in training.
-            frame = self._sample_frame(
-                known, past_actions[:, -known.shape[1]:], seeds, n, steps, MASK_SCHEDULES[schedule], temperature
-            )  # [B, P]
+            frame_features = self._frame_features(known, past_actions[:, -known.shape[1]:], use_cache)
+            frame = self._sample_frame(frame_features, b, p, seeds, n, steps, MASK_SCHEDULES[schedule], temperature)  # [B, P]
             tokens = torch.cat([tokens, rearrange(frame, "b p -> b 1 p")], dim=1)  # [B, T+1, P]
             new_frames.append(frame)
         return torch.stack(new_frames, dim=1)  # [B, N, P]
 
-    def _sample_frame(self, known, actions, seeds, frame_index, steps, masked_fraction, temperature) -> Tensor:
-        """Known frames [B, K, P] and actions into frames 1..K [B, K] -> the next frame [B, P]."""
-        b, _, p = known.shape
-        frame = torch.full((b, p), self.mask_id, dtype=torch.long, device=known.device)  # [B, P]
+    def _frame_features(self, known: Tensor, actions: Tensor, use_cache: bool) -> Callable[[Tensor], Tensor]:
+        """Known frames [B, K, P] and the actions into frames 1..K [B, K] -> a function from the
+        (partly masked) next frame [B, P] to its features [B, P, E]."""
+        if not use_cache:
+
+            def from_window(frame: Tensor) -> Tensor:
+                tokens = torch.cat([known, rearrange(frame, "b p -> b 1 p")], dim=1)  # [B, K+1, P]
+                return self.features(tokens, actions)[:, -1]  # [B, P, E]
+
+            return from_window
+
+        cond = self.conditions(actions)  # [B, K+1, E]
+        _, cache = self.transformer.forward_cached(self.token_embed(known), cond[:, :-1])  # K/V of the K frames
+
+        def from_cache(frame: Tensor) -> Tensor:
+            x = self.token_embed(rearrange(frame, "b p -> b 1 p"))  # [B, 1, P, E]
+            x, _ = self.transformer.forward_cached(x, cond[:, -1:], past=cache)  # [B, 1, P, E]
+            return rearrange(x, "b 1 p e -> b p e")  # [B, P, E]
+
+        return from_cache
+
+    def _sample_frame(self, frame_features, b, p, seeds, frame_index, steps, masked_fraction, temperature) -> Tensor:
+        """MaskGIT unmasking of one frame of [B, P] tokens, scored by `frame_features` -> the frame [B, P]."""
+        frame = torch.full((b, p), self.mask_id, dtype=torch.long, device=seeds.device)  # [B, P]
+        masked_count = p  # M: every sample has the same number of masked positions at each step
         for step in range(steps):
-            tokens = torch.cat([known, rearrange(frame, "b p -> b 1 p")], dim=1)  # [B, K+1, P]
-            logits = self.head(self.features(tokens, actions)[:, -1]).float()  # [B, P, V]
-            if temperature == 0:
-                probs = logits.softmax(-1)  # [B, P, V]
-                sampled = probs.argmax(-1)  # [B, P]
-            else:
-                probs = (logits / temperature).softmax(-1)  # [B, P, V]
-                cdf = probs.cumsum(-1)  # [B, P, V]
-                # Inverse-CDF sampling needs one uniform per position, not one per vocab entry.
-                u = uniform_noise(seeds, frame_index, step, p) * cdf[..., -1]  # [B, P]
-                sampled = torch.searchsorted(cdf, rearrange(u, "b p -> b p 1"))  # [B, P, 1]
-                # u can round past the last bin edge by one ulp: clamp to the last id
-                sampled = rearrange(sampled, "b p 1 -> b p").clamp_max(self.config.vocab_size - 1)  # [B, P]
-            confidence = probs.gather(-1, rearrange(sampled, "b p -> b p 1"))  # [B, P, 1]
-            confidence = rearrange(confidence, "b p 1 -> b p")  # [B, P]
             is_known = frame != self.mask_id  # [B, P]
-            sampled = torch.where(is_known, frame, sampled)
-            confidence = torch.where(is_known, 2.0, confidence)  # decided tokens are never remasked
+            # Only masked positions are scored: decided tokens keep their value whatever is sampled there.
+            masked = is_known.byte().argsort(dim=-1, stable=True)[:, :masked_count]  # [B, M], ascending
+            features = frame_features(frame).gather(1, repeat(masked, "b m -> b m e", e=self.config.embed_dim))  # [B, M, E]
+            logits = self.head(features).float()  # [B, M, V]
+            if temperature == 0:
+                probs = logits.softmax(-1)  # [B, M, V]
+                sampled = probs.argmax(-1)  # [B, M]
+            else:
+                probs = (logits if temperature == 1 else logits / temperature).softmax(-1)  # [B, M, V]
+                cdf = probs.cumsum(-1)  # [B, M, V]
+                # Inverse-CDF sampling needs one uniform per position, not one per vocab entry.
+                u = uniform_noise(seeds, frame_index, step, p).gather(1, masked) * cdf[..., -1]  # [B, M]
+                sampled = torch.searchsorted(cdf, rearrange(u, "b m -> b m 1"))  # [B, M, 1]
+                # u can round past the last bin edge by one ulp: clamp to the last id
+                sampled = rearrange(sampled, "b m 1 -> b m").clamp_max(self.config.vocab_size - 1)  # [B, M]
+            confidence = rearrange(probs.gather(-1, rearrange(sampled, "b m -> b m 1")), "b m 1 -> b m")  # [B, M]
+            # Back to all P positions; decided tokens keep their value and are never remasked.
+            sampled = frame.scatter(1, masked, sampled)  # [B, P]
+            confidence = torch.full((b, p), 2.0, device=frame.device).scatter(1, masked, confidence)  # [B, P]
             keep_count = p - math.floor(p * masked_fraction((step + 1) / steps))
             order = confidence.argsort(dim=-1, descending=True, stable=True)  # [B, P]
             keep = torch.zeros_like(is_known).scatter_(-1, order[:, :keep_count], True)  # [B, P]
             frame = torch.where(keep, sampled, self.mask_id)
+            masked_count = p - keep_count
         return frame
 
     def _check_generate_args(self, context_tokens, actions, context_actions, steps, schedule, temperature):
