@@ -16,6 +16,7 @@ Writes bench/results/generation.json.
 from __future__ import annotations
 
 import argparse
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -43,45 +44,42 @@ def bench_preset(preset: harness.Preset, args, device: torch.device) -> dict:
     c = preset.dynamics
     print(f"\n{preset.name}: dynamics {count_parameters(dynamics):,d} params (P={c.num_patches}, E={c.embed_dim}, "
           f"{c.num_heads} heads, {c.num_blocks} blocks, V={c.vocab_size}, window {c.max_frames}); "
-          f"{args.steps} MaskGIT steps, temperature {args.temperature}, {args.frames} frames a rollout")
-    print(f"  {'batch':>5s} {'path':9s} {'ms/frame':>9s} {'frames/s':>9s} {'speed-up':>8s} {'per-sample vs batch 1':>22s}")
+          f"{args.steps} MaskGIT steps, temperature {args.temperature:g}, {args.frames} frames a rollout")
+    print(f"  {'batch':>5s} {'ms/frame':>9s} {'frames/s':>9s} {'uncached ms/frame':>17s} {'speed-up':>8s} "
+          f"{'per sample vs batch 1':>21s} {'decode ms/frame':>15s}")
     rows = {}
     for batch in BATCHES:
         context, context_actions, actions = rollout_inputs(preset, batch, args.frames, device)
-        row = {}
-        for path, use_cache in (("cached", True), ("uncached", False)):
-            if path == "uncached" and args.no_uncached:
-                continue
+        paths = {"cached": True} if args.no_uncached else {"cached": True, "uncached": False}
 
-            def rollout():
-                with autocast(device, precision):
-                    return dynamics.generate(context, actions, context_actions=context_actions, steps=args.steps,
-                                             temperature=args.temperature, use_cache=use_cache)
+        def rollout(use_cache: bool) -> None:
+            with autocast(device, precision):
+                dynamics.generate(context, actions, context_actions=context_actions, steps=args.steps,
+                                  temperature=args.temperature, use_cache=use_cache)
 
-            seconds = harness.median_seconds(rollout, device, warmup=1, reps=args.reps)
-            ms = 1000 * seconds / args.frames
-            row[path] = {"ms_per_frame": ms, "frames_per_s": batch * 1000 / ms}
+        seconds = harness.compare_seconds({path: partial(rollout, use_cache) for path, use_cache in paths.items()},
+                                          device, warmup=1, reps=args.reps)
+        row = {path: {"ms_per_frame": 1000 * s / args.frames, "frames_per_s": batch * args.frames / s}
+               for path, s in seconds.items()}
         if "uncached" in row:
-            row["cache_speedup"] = row["uncached"]["ms_per_frame"] / row["cached"]["ms_per_frame"]
-        if batch > 1 and 1 in rows:
-            # per-sample cost at this batch over the batch-1 cost (1 / batch would be perfect scaling)
+            row["cache_speedup"] = seconds["uncached"] / seconds["cached"]
+        if batch > 1:
+            # a sample's share of a batch's time over the time of one sample alone (1 / batch: perfect scaling)
             row["per_sample_vs_batch_1"] = row["cached"]["ms_per_frame"] / batch / rows[1]["cached"]["ms_per_frame"]
 
         window = torch.randint(0, c.vocab_size, (batch, preset.tokenizer.max_frames, c.num_patches), device=device)
 
-        def decode():
+        def decode() -> None:
             with autocast(device, precision):
                 tokenizer.decode(window)
 
-        row["decode_ms_per_frame"] = 1000 * harness.median_seconds(decode, device, warmup=1, reps=args.reps) / window.shape[1]
+        seconds = harness.median_seconds(decode, device, warmup=1, reps=args.reps)
+        row["decode_ms_per_frame"] = 1000 * seconds / window.shape[1]
         rows[batch] = row
-        for path in ("cached", "uncached"):
-            if path in row:
-                speedup = f"{row['cache_speedup']:7.2f}x" if path == "cached" and "cache_speedup" in row else ""
-                ratio = f"{row['per_sample_vs_batch_1']:22.2f}" if path == "cached" and "per_sample_vs_batch_1" in row else ""
-                print(f"  {batch:5d} {path:9s} {row[path]['ms_per_frame']:9.1f} {row[path]['frames_per_s']:9.2f} "
-                      f"{speedup:>8s} {ratio:>22s}")
-        print(f"  {batch:5d} tokenizer decode {row['decode_ms_per_frame']:.2f} ms/frame")
+        uncached = row.get("uncached", {}).get("ms_per_frame")
+        print(f"  {batch:5d} {row['cached']['ms_per_frame']:9.1f} {row['cached']['frames_per_s']:9.2f} "
+              f"{harness.number(uncached, '.1f'):>17s} {harness.number(row.get('cache_speedup'), '.2f', 'x'):>8s} "
+              f"{harness.number(row.get('per_sample_vs_batch_1'), '.2f'):>21s} {row['decode_ms_per_frame']:15.2f}")
     return {"preset": preset.summary(), "parameters": count_parameters(dynamics),
             "batches": {f"batch_{b}": r for b, r in rows.items()}}
 

@@ -28,6 +28,7 @@ import torch
 import harness
 from tinyworlds.models import DynamicsConfig, count_parameters, to_model
 from tinyworlds.models.blocks import swiglu_hidden
+from tinyworlds.training.device import autocast
 from tinyworlds.training.loop import Trainer
 from tinyworlds.training.train_actions import lam_loss
 from tinyworlds.training.train_dynamics import dynamics_loss
@@ -45,7 +46,8 @@ def make_trainer(stage: str, model: torch.nn.Module, preset: harness.Preset, dev
                  state_dir: Path, loss_fn=None, train_set=None) -> Trainer:
     """A `Trainer` as the stage builds it, for timing its step and its loader (nothing is saved)."""
     config = preset.train[stage]
-    config = replace(config, precision="bf16" if args.bf16 else config.precision, compile=args.compile or config.compile)
+    config = replace(config, precision="bf16" if args.bf16 else config.precision,
+                     compile=args.compile or config.compile)
     return Trainer(f"bench_{stage}", model, loss_fn or LOSSES[stage], train_set or [None], None, config, device,
                    state_dir, "bench")
 
@@ -62,6 +64,10 @@ def time_train_steps(runs: dict[str, tuple[Trainer, dict[str, torch.Tensor]]], a
     return harness.compare_seconds(steps, device, warmup=warmup, reps=args.reps)
 
 
+def replace_reps(args: argparse.Namespace, reps: int) -> argparse.Namespace:
+    return argparse.Namespace(**{**vars(args), "reps": reps})
+
+
 def synthetic_batch(preset: harness.Preset, stage: str, *, frames: bool, seed: int = 0) -> dict[str, torch.Tensor]:
     """A batch as the loader gives it: uint8 frames [B, T, C, H, W], or tokens [B, T, P]; actions [B, T-1]."""
     g = torch.Generator().manual_seed(seed)
@@ -69,7 +75,8 @@ def synthetic_batch(preset: harness.Preset, stage: str, *, frames: bool, seed: i
     batch = {}
     if frames:
         c = preset.tokenizer
-        batch["frames"] = torch.randint(0, 256, (b, t, c.channels, c.frame_size, c.frame_size), dtype=torch.uint8, generator=g)
+        shape = (b, t, c.channels, c.frame_size, c.frame_size)
+        batch["frames"] = torch.randint(0, 256, shape, dtype=torch.uint8, generator=g)
     else:
         batch["tokens"] = torch.randint(0, preset.dynamics.vocab_size, (b, t, preset.dynamics.num_patches), generator=g)
     if stage == "dynamics":
@@ -139,14 +146,23 @@ def bench_preset(preset: harness.Preset, args, device: torch.device, state_dir: 
     cached = make_trainer("dynamics", harness.build_model(preset, "dynamics"), preset, device, args, state_dir)
     tokenizing = make_trainer("dynamics", harness.build_model(preset, "dynamics"), preset, device, args, state_dir,
                               loss_fn=tokenize_then_loss)
+    frames = synthetic_batch(preset, "dynamics", frames=True)
+    # Twice the repetitions: the two differ by the encoder alone, which a busy machine can hide.
     seconds = time_train_steps({"cached": (cached, synthetic_batch(preset, "dynamics", frames=False)),
-                                "on_the_fly": (tokenizing, synthetic_batch(preset, "dynamics", frames=True))}, args)
+                                "on_the_fly": (tokenizing, frames)}, replace_reps(args, 2 * args.reps))
     parameters = count_parameters(cached.model)
     rows["dynamics"] = report("dynamics (token cache)", "dynamics", seconds["cached"], parameters, cached.precision)
     on_the_fly = report("dynamics (tokenize in step)", "dynamics", seconds["on_the_fly"], parameters, cached.precision)
+
+    def encode() -> None:
+        with autocast(device, cached.precision):
+            tokenizer.encode(to_model(frames["frames"].to(device)))
+
     dynamics = rows["dynamics"]
     dynamics["on_the_fly"] = on_the_fly
     dynamics["cache_speedup"] = on_the_fly["ms_per_step"] / dynamics["ms_per_step"]
+    seconds = harness.median_seconds(encode, device, warmup=args.warmup, reps=args.reps)
+    dynamics["tokenize_ms_per_batch"] = 1000 * seconds
     flops = dynamics_train_flops(preset.dynamics, preset.batch["dynamics"], preset.clip_len["dynamics"])
     dynamics["model_flops_per_step"] = flops
     dynamics["achieved_tflops"] = flops / (dynamics["ms_per_step"] / 1000) / 1e12
@@ -154,8 +170,9 @@ def bench_preset(preset: harness.Preset, args, device: torch.device, state_dir: 
     dynamics["peak_tflops"] = peak
     dynamics["mfu"] = dynamics["achieved_tflops"] / peak if peak else None
     mfu = f", MFU {dynamics['mfu']:.1%} of {peak:g} TFLOP/s" if peak else ""
-    print(f"  token cache: {dynamics['cache_speedup']:.2f}x the steps/s of tokenizing on the fly; dynamics "
-          f"{flops / 1e9:.1f} GFLOP a step, {dynamics['achieved_tflops'] * 1000:.1f} GFLOP/s achieved{mfu}")
+    print(f"  token cache: {dynamics['cache_speedup']:.2f}x the steps/s of tokenizing on the fly (the encoder "
+          f"alone takes {dynamics['tokenize_ms_per_batch']:.0f} ms a batch)")
+    print(f"  dynamics: {flops / 1e9:.1f} GFLOP a step, {dynamics['achieved_tflops'] * 1000:.1f} GFLOP/s achieved{mfu}")
     return {"preset": preset.summary(), "models": rows}
 
 

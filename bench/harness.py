@@ -85,7 +85,13 @@ def load_average() -> list[float] | None:
 
 def describe(info: dict[str, Any]) -> str:
     return (f"device {info['device']} ({info['device_name']}), torch {info['torch']}, "
-            f"{info['cpu_threads']} CPU threads of {info['cpu_count']} cores, load average {info['load_average_before']}")
+            f"{info['cpu_threads']} CPU threads of {info['cpu_count']} cores, "
+            f"load average {info['load_average_before']}")
+
+
+def number(value: float | None, spec: str, suffix: str = "") -> str:
+    """A figure for a table, "-" where there is none."""
+    return "-" if value is None else f"{value:{spec}}{suffix}"
 
 
 def write_results(path: Path, results: dict[str, Any]) -> None:

@@ -49,15 +49,11 @@ def machine_line(results: dict) -> str:
     if not machines:
         return ""
     first = next(iter(machines.values()))
-    each = "; ".join(f"{name}: {m['cpu_threads']} threads, load {m['load_average_before'][0]:.1f}"
-                     if m.get("load_average_before") else f"{name}: {m['cpu_threads']} threads"
+    each = "; ".join(f"{name}: {m['cpu_threads']} thread(s), load {m['load_average_before'][0]:.1f}"
+                     if m.get("load_average_before") else f"{name}: {m['cpu_threads']} thread(s)"
                      for name, m in machines.items())
     return (f"{first['device_name']} ({first['device']}, {first['cpu_count']} cores), torch {first['torch']}. "
             f"CPU threads and 1-minute load average at the start: {each}. Medians after warm-up.")
-
-
-def number(value: float | None, spec: str, suffix: str = "") -> str:
-    return "-" if value is None else f"{value:{spec}}{suffix}"
 
 
 def generation_table(r: dict) -> list[str]:
@@ -70,8 +66,9 @@ def generation_table(r: dict) -> list[str]:
             cached = row["cached"]
             uncached = row.get("uncached", {}).get("ms_per_frame")
             lines.append(f"| {name} | {batch.removeprefix('batch_')} | {cached['ms_per_frame']:.0f} | "
-                         f"{cached['frames_per_s']:.1f} | {number(uncached, '.0f')} | "
-                         f"{number(row.get('cache_speedup'), '.1f', 'x')} | {number(row.get('per_sample_vs_batch_1'), '.2f')} |")
+                         f"{cached['frames_per_s']:.1f} | {harness.number(uncached, '.0f')} | "
+                         f"{harness.number(row.get('cache_speedup'), '.1f', 'x')} | "
+                         f"{harness.number(row.get('per_sample_vs_batch_1'), '.2f')} |")
     return lines
 
 
@@ -81,13 +78,17 @@ def training_table(r: dict) -> list[str]:
     for name, preset in r["presets"].items():
         models = preset["models"]
         rows = [(stage, models[stage]) for stage in ("tokenizer", "actions")]
-        rows += [("dynamics (token cache)", models["dynamics"]), ("dynamics (tokenize in step)", models["dynamics"]["on_the_fly"])]
+        rows += [("dynamics (token cache)", models["dynamics"]),
+                 ("dynamics (tokenize in step)", models["dynamics"]["on_the_fly"])]
         for label, row in rows:
             lines.append(f"| {name} | {label} | {row['batch']} x {row['clip_len']} | {row['ms_per_step']:.0f} | "
                          f"{row['steps_per_s']:.2f} | {row['tokens_per_s']:,.0f} |")
-    cache = ", ".join(f"{name} {p['models']['dynamics']['cache_speedup']:.2f}x" for name, p in r["presets"].items())
+    cache = ", ".join(f"{name} {p['models']['dynamics']['cache_speedup']:.2f}x (the encoder alone: "
+                      f"{p['models']['dynamics']['tokenize_ms_per_batch']:.0f} ms a batch)"
+                      for name, p in r["presets"].items())
     lines += ["", f"Token cache vs tokenizing in the step (dynamics steps/s): {cache}."]
-    mfu = [f"{name} {p['models']['dynamics']['mfu']:.1%}" for name, p in r["presets"].items() if p["models"]["dynamics"]["mfu"]]
+    mfu = [f"{name} {p['models']['dynamics']['mfu']:.1%}" for name, p in r["presets"].items()
+           if p["models"]["dynamics"]["mfu"]]
     if mfu:
         lines.append(f"Dynamics model FLOPs utilisation: {', '.join(mfu)}.")
     return lines
@@ -105,18 +106,21 @@ def loader_table(r: dict) -> list[str]:
 
 def ingest_table(r: dict) -> list[str]:
     rates, ratios = r["source_frames_per_s"], r["ratios"]
-    return ["Ingest (source frames/s)", "", "| plain decode | ingest at 15 fps | ingest at source fps | plain / ingest |",
+    return ["Ingest (source frames/s)", "",
+            "| plain decode | ingest at 15 fps | ingest at source fps | plain / ingest |",
             "|---:|---:|---:|---:|",
-            f"| {rates['plain_decode_1_thread']:,.0f} | {rates['ingest_15fps']:,.0f} | {rates['ingest_source_fps']:,.0f} | "
+            f"| {rates['plain_decode_1_thread']:,.0f} | {rates['ingest_15fps']:,.0f} | "
+            f"{rates['ingest_source_fps']:,.0f} | "
             f"{ratios['plain_over_ingest_15fps']:.2f}x |"]
 
 
 TABLES = {"generation": generation_table, "training": training_table, "loader": loader_table, "ingest": ingest_table}
 
 
-def summarize(results_dir: Path, names: list[str]) -> str:
+def summarize(results_dir: Path) -> str:
+    """Tables from every bench's JSON in `results_dir` (each states the run it came from)."""
     results = {}
-    for name in names:
+    for name in BENCHES:
         path = results_dir / BENCHES[name][1]
         if path.is_file():
             results[name] = json.loads(path.read_text())
@@ -132,7 +136,8 @@ def summarize(results_dir: Path, names: list[str]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", nargs="+", choices=list(BENCHES), default=list(BENCHES))
+    parser.add_argument("--only", nargs="+", choices=list(BENCHES), default=list(BENCHES),
+                        help="run these; the summary covers every bench's latest JSON")
     parser.add_argument("--summarize", action="store_true", help="only rebuild the summary from existing JSON")
     parser.add_argument("--results", type=Path, default=harness.RESULTS)
     harness.add_machine_args(parser)
@@ -140,7 +145,7 @@ def main() -> None:
     if not args.summarize:
         for name in args.only:
             run(name, args)
-    print("\n" + summarize(args.results, args.only))
+    print("\n" + summarize(args.results))
     print(f"wrote {args.results / 'summary.json'} and {args.results / 'summary.md'}")
 
 

@@ -216,7 +216,9 @@ class DynamicsModel(nn.Module):
             known = tokens[:, -window:]  # [B, K, P]
             # The window's first frame takes the null action, as frame 0 does in training.
             frame_features = self._frame_features(known, past_actions[:, -known.shape[1]:], use_cache)
-            frame = self._sample_frame(frame_features, b, p, seeds, n, steps, MASK_SCHEDULES[schedule], temperature)  # [B, P]
+            frame = self._sample_frame(
+                frame_features, b, p, seeds, n, steps, MASK_SCHEDULES[schedule], temperature
+            )  # [B, P]
             tokens = torch.cat([tokens, rearrange(frame, "b p -> b 1 p")], dim=1)  # [B, T+1, P]
             new_frames.append(frame)
         return torch.stack(new_frames, dim=1)  # [B, N, P]
@@ -250,7 +252,8 @@ class DynamicsModel(nn.Module):
             is_known = frame != self.mask_id  # [B, P]
             # Only masked positions are scored: decided tokens keep their value whatever is sampled there.
             masked = is_known.byte().argsort(dim=-1, stable=True)[:, :masked_count]  # [B, M], ascending
-            features = frame_features(frame).gather(1, repeat(masked, "b m -> b m e", e=self.config.embed_dim))  # [B, M, E]
+            features = frame_features(frame)  # [B, P, E]
+            features = features.gather(1, repeat(masked, "b m -> b m e", e=features.shape[-1]))  # [B, M, E]
             logits = self.head(features).float()  # [B, M, V]
             if temperature == 0:
                 probs = logits.softmax(-1)  # [B, M, V]
