@@ -223,6 +223,7 @@ def test_bad_inputs_are_one_line(project):
         (["--dataset", "pong", "--frames", "0"], "--frames 0: must be at least 1"),
         (["--dataset", "pong", "--out", "still.png"], "--out still.png: exists and is not a directory"),
         (["--dataset", "pong", "--device", "gpu9"], "not a device name"),
+        (["--dataset", "pong", "--threads", "0"], "threads='0': must be auto or a whole number >= 1"),
     ]
     for args, message in cases:
         result = dream(*args, "--seed", "0")

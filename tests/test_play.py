@@ -256,5 +256,8 @@ def test_cli_errors_are_one_line(tmp_path, monkeypatch):
     assert result.stderr == f"error: port {port} on 127.0.0.1 is already in use: pick another with --port\n"
     assert "Traceback" not in result.output
 
+    result = runner.invoke(cli_app, ["play", "--threads", "many", "--device", "cpu"])
+    assert result.exit_code == 1 and result.stderr == "error: threads='many': must be auto or a whole number >= 1\n"
+
     result = runner.invoke(cli_app, ["play", "--keys", "up=4", "--device", "cpu"])
     assert result.exit_code == 1 and "action id 4 for up is out of range" in result.stderr

@@ -159,6 +159,7 @@ def dream(
     seed: Annotated[Optional[int], typer.Option(help="Seed of the sampling, random actions and random start (default: new).")] = None,
     models: Annotated[Path, typer.Option(help="Directory with tokenizer/, actions/ and dynamics/.")] = Path("data/models"),
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
+    threads: Annotated[str, typer.Option(help="CPU threads: auto (the cores other processes leave idle) or a number.")] = "auto",
     out: Annotated[Optional[Path], typer.Option(help="Output directory (default: a new data/dreams/<time>-<start>).")] = None,
     scale: Annotated[int, typer.Option(help="Upscale factor of the frames in the videos.")] = 4,
     log: Annotated[bool, typer.Option("--log", help="Log the videos to MLflow (stage dream).")] = False,
@@ -169,10 +170,11 @@ def dream(
     if random and index is not None:
         raise TinyWorldsError("--random and --index: give one of them")
     result = run_dream(
-        models=models, device=device, dataset=dataset, index=index, video=video, image=image, context=context,
-        fps=fps, crop=parse_crop(crop), fit=fit, frames=frames, actions=actions, random_actions=random_actions, replay=replay, batch=batch,
-        steps=steps, schedule=schedule, temperature=temperature, seed=seed, compare=compare, out=out,
-        scale=scale, log=log, say=lambda line: typer.echo(line, err=True),
+        models=models, device=device, threads=threads, dataset=dataset, index=index, video=video, image=image,
+        context=context, fps=fps, crop=parse_crop(crop), fit=fit, frames=frames, actions=actions,
+        random_actions=random_actions, replay=replay, batch=batch, steps=steps, schedule=schedule,
+        temperature=temperature, seed=seed, compare=compare, out=out, scale=scale, log=log,
+        say=lambda line: typer.echo(line, err=True),
     )
     typer.echo(result.summary())
 
@@ -193,13 +195,15 @@ def play(
     temperature: Annotated[float, typer.Option(help="Sampling temperature; 0 is greedy.")] = 1.0,
     seed: Annotated[int, typer.Option(help="Seed of the starts and of the sampling.")] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
+    threads: Annotated[str, typer.Option(help="CPU threads: auto (the cores other processes leave idle) or a number.")] = "auto",
 ) -> None:
     """Play the world model in a local web page: keys or buttons pick the latent action of each next frame."""
     from tinyworlds.play import serve
     from tinyworlds.world import GenerationSettings
 
     serve(
-        models=models, device=device, dataset=dataset, index=index, image=image, context=context, keys=keys,
+        models=models, device=device, threads=threads, dataset=dataset, index=index, image=image, context=context,
+        keys=keys,
         settings=GenerationSettings(steps=steps, schedule=schedule, temperature=temperature, seed=seed),
         host=host, port=port, say=lambda line: typer.echo(line, err=True),
     )

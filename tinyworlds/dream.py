@@ -39,6 +39,7 @@ from einops import rearrange, repeat
 from tinyworlds.atomic import atomic_output, ensure_parent_writable
 from tinyworlds.errors import TinyWorldsError
 from tinyworlds.params import Layout
+from tinyworlds.training.device import parse_threads, set_inference_threads
 from tinyworlds.world import GenerationSettings, WorldModel
 
 DREAMS_DIR = Path("data") / "dreams"
@@ -450,6 +451,7 @@ def dream(
     *,
     models: Path = Path("data/models"),
     device: str = "auto",
+    threads: str | int = "auto",
     dataset: str | None = None,
     index: int | None = None,
     video: Path | None = None,
@@ -489,6 +491,7 @@ def dream(
     settings = GenerationSettings(steps=steps, schedule=schedule, temperature=temperature, seed=seed)
     check_settings(settings)
     check_action_choice(actions, random_actions, replay)
+    parse_threads(threads)  # a bad --threads fails before the models load
     world = WorldModel.load(models, device)
     if actions is not None:  # fail on a bad script before reading any video
         parse_action_script(actions, world.num_actions)
@@ -500,6 +503,8 @@ def dream(
         say(note)
     plan = plan_actions(world, start, frames=frames, batch=batch, script=actions, random_actions=random_actions,
                         replay=replay, rng=rng, say=say)
+    if (note := set_inference_threads(threads, world.device)) is not None:  # every input checked
+        say(note)
     say(f"start {start.name}, {len(start.context)} context frames; {plan.source} actions "
         f"{','.join(str(int(a)) for a in plan.actions[0])}" + (" (rollout 0)" if plan.source == "random" else "")
         + (f"; seed {seed} (--seed {seed} dreams this again)" if fresh_seed else ""))

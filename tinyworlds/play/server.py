@@ -34,6 +34,7 @@ import numpy as np
 from tinyworlds.dream import Start, check_settings, load_start
 from tinyworlds.errors import TinyWorldsError
 from tinyworlds.play.session import KeyMap, PlaySession
+from tinyworlds.training.device import parse_threads, set_inference_threads
 from tinyworlds.world import GenerationSettings, WorldModel
 
 MAX_SESSIONS = 8  # the oldest session is dropped beyond this
@@ -218,10 +219,15 @@ def build_app(
     return PlayApp(world, new_start, settings, keymap)
 
 
-def serve(*, host: str = "127.0.0.1", port: int = 8000, say: Callable[[str], None] = print, **options) -> None:
-    """Build the app (options as for `build_app`) and serve it until Ctrl-C."""
+def serve(*, host: str = "127.0.0.1", port: int = 8000, threads: str | int = "auto",
+          say: Callable[[str], None] = print, **options) -> None:
+    """Build the app (options as for `build_app`) and serve it until Ctrl-C. `threads`: torch's
+    CPU threads for generation, auto or a number (`set_inference_threads`)."""
+    parse_threads(threads)  # a bad --threads fails before the models load
     app = build_app(say=say, **options)
     server = make_server(app, host, port)
+    if (note := set_inference_threads(threads, app.world.device)) is not None:  # every input checked
+        say(note)
     for line in start_message(host, server.server_address[1]):
         say(line)
     try:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import os
 
+import psutil
 import torch
 
 from tinyworlds.errors import TinyWorldsError
@@ -50,3 +52,53 @@ def configure_backends(device: torch.device) -> None:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
+
+
+def cpu_cores() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def parse_threads(setting: str | int) -> int | None:
+    """`auto` -> None; a whole number >= 1 (or its text) -> that number; else a one-line error."""
+    if setting == "auto":
+        return None
+    try:
+        threads = int(setting)
+    except (TypeError, ValueError):
+        threads = 0
+    if threads < 1 or str(threads) != str(setting).strip():
+        raise TinyWorldsError(f"threads={setting!r}: must be auto or a whole number >= 1")
+    return threads
+
+
+def idle_cores(sample_seconds: float = 0.25) -> float:
+    """Cores left idle by other processes, from the whole machine's CPU use over a short sample.
+
+    Call it before this process starts computing: the sample counts every process."""
+    busy = psutil.cpu_percent(interval=sample_seconds) / 100 * (os.cpu_count() or 1)
+    return cpu_cores() - busy
+
+
+def set_inference_threads(setting: str | int, device: torch.device, *, sample_seconds: float = 0.25) -> str | None:
+    """Set torch's CPU threads for generation and return a line saying what was chosen
+    (None on a GPU, where the threads only feed the device).
+
+    `auto` takes the cores other processes leave idle, at least one. Batch-1 generation is
+    many small ops, and OpenMP threads that share a core with another busy process wait on
+    each other at every op: on our 2-core machine, with one other busy process, 2 threads made
+    11 frames/s and 1 thread 28 (bench/README.md, "CPU threads"). A number is used as given.
+    """
+    threads = parse_threads(setting)
+    if device.type != "cpu":
+        return None
+    if threads is None:
+        idle = idle_cores(sample_seconds)
+        threads = max(1, min(cpu_cores(), round(idle)))
+        reason = f"auto: {max(idle, 0.0):.1f} of {cpu_cores()} cores idle"
+    else:
+        reason = "as given"
+    torch.set_num_threads(threads)
+    return f"cpu: {threads} thread{'s' if threads > 1 else ''} ({reason}; --threads N to choose)"
