@@ -3,6 +3,7 @@ and with the uncached reference path (`generate(use_cache=False)`), and tokenize
 
     python bench/bench_models.py                          # default and reference sizes
     python bench/bench_models.py --preset reference --threads 1
+    python bench/bench_models.py --preset reference --no-uncached --profile   # where the time goes
 
 Every rollout starts from a full window of context (max_frames - 1 frames) and makes --frames
 new ones, so each generated frame is made beside max_frames - 1 known frames: the steady state
@@ -37,6 +38,18 @@ def rollout_inputs(preset: harness.Preset, batch: int, frames: int, device: torc
     return context.to(device), context_actions.to(device), actions.to(device)
 
 
+def print_profile(fn, title: str, rows: int = 8) -> None:
+    """The ops that take the time of one call of `fn`, by self time (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities) as prof:
+        fn()
+    sort = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+    print(f"  profile of one rollout ({title}):")
+    print(prof.key_averages().table(sort_by=sort, row_limit=rows))
+
+
 def bench_preset(preset: harness.Preset, args, device: torch.device) -> dict:
     dynamics = harness.build_model(preset, "dynamics").to(device).eval()
     tokenizer = harness.build_model(preset, "tokenizer").to(device).eval()
@@ -59,6 +72,8 @@ def bench_preset(preset: harness.Preset, args, device: torch.device) -> dict:
 
         seconds = harness.compare_seconds({path: partial(rollout, use_cache) for path, use_cache in paths.items()},
                                           device, warmup=1, reps=args.reps)
+        if args.profile:
+            print_profile(partial(rollout, True), f"{preset.name}, batch {batch}, cached")
         row = {path: {"ms_per_frame": 1000 * s / args.frames, "frames_per_s": batch * args.frames / s}
                for path, s in seconds.items()}
         if "uncached" in row:
@@ -92,6 +107,7 @@ def main() -> None:
     parser.add_argument("--temperature", type=float, default=1.0, help="0: greedy")
     parser.add_argument("--reps", type=int, default=3, help="timed rollouts per figure")
     parser.add_argument("--no-uncached", action="store_true", help="skip the slow uncached reference path")
+    parser.add_argument("--profile", action="store_true", help="also print the ops that take a cached rollout's time")
     parser.add_argument("--out", type=Path, default=harness.RESULTS / "generation.json")
     harness.add_machine_args(parser)
     args = parser.parse_args()

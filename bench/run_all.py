@@ -28,6 +28,7 @@ BENCHES = {
     "loader": ("bench_loader.py", "loader.json", ("device", "threads", "bf16", "compile")),
     "training": ("bench_training.py", "training.json", ("device", "threads", "bf16", "compile")),
     "generation": ("bench_models.py", "generation.json", ("device", "threads", "bf16")),
+    "threads": ("bench_threads.py", "threads.json", ()),
 }
 
 
@@ -114,7 +115,19 @@ def ingest_table(r: dict) -> list[str]:
             f"{ratios['plain_over_ingest_15fps']:.2f}x |"]
 
 
-TABLES = {"generation": generation_table, "training": training_table, "loader": loader_table, "ingest": ingest_table}
+def threads_table(r: dict) -> list[str]:
+    counts = list(next(iter(r["cases"].values()))["frames_per_s"])
+    lines = [f"CPU threads: batch-1 generation frames/s beside other busy processes ({r['preset']['name']} sizes)", "",
+             "| busy processes | " + " | ".join(f"{n} thread(s)" for n in counts) + " | `--threads auto` picks |",
+             "|---:|" + "---:|" * (len(counts) + 1)]
+    for case in r["cases"].values():
+        rates = " | ".join(f"{rate:.1f}" for rate in case["frames_per_s"].values())
+        lines.append(f"| {case['busy_processes']} | {rates} | {case['auto_threads']} |")
+    return lines
+
+
+TABLES = {"generation": generation_table, "training": training_table, "loader": loader_table, "ingest": ingest_table,
+          "threads": threads_table}
 
 
 def summarize(results_dir: Path) -> str:
@@ -125,7 +138,7 @@ def summarize(results_dir: Path) -> str:
         if path.is_file():
             results[name] = json.loads(path.read_text())
     blocks = [machine_line(results)]
-    for name in ("generation", "training", "loader", "ingest"):
+    for name in ("generation", "threads", "training", "loader", "ingest"):
         if name in results:
             blocks.append("\n".join(TABLES[name](results[name])))
     markdown = "\n\n".join(blocks) + "\n"
