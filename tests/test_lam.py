@@ -3,6 +3,7 @@ import torch
 
 from tinyworlds.errors import TinyWorldsError
 from tinyworlds.models import LatentActionConfig, LatentActionModel
+from tinyworlds.models.lam import standardize_per_group
 
 TINY = dict(frame_size=16, patch_size=4, embed_dim=32, num_heads=2, encoder_blocks=1, decoder_blocks=1,
             levels=(2, 2), max_frames=4)
@@ -92,24 +93,66 @@ def test_loss_falls_and_reports_action_usage():
     assert 1.0 <= metrics["action_perplexity"] <= 4.0
 
 
-def test_variance_hinge_spreads_a_collapsed_latent():
-    model = tiny_lam(variance_weight=10.0)
+def test_standardize_per_group_known_values():
+    z = torch.tensor([[1.0, 10.0], [3.0, 10.0], [5.0, -2.0], [5.0, 2.0], [7.0, 7.0]])
+    groups = torch.tensor([4, 4, 9, 9, 2])  # ids need not be 0..G-1; the last is a group of one
+    standard, mean, var = standardize_per_group(z, groups)
+    assert torch.allclose(mean, torch.tensor([[7.0, 7.0], [2.0, 10.0], [5.0, 0.0]]))  # groups 2, 4, 9
+    assert torch.allclose(var, torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 4.0]]))
+    expected = torch.tensor([[-1.0, 0.0], [1.0, 0.0], [0.0, -1.0], [0.0, 1.0], [0.0, 0.0]])
+    assert torch.allclose(standard, expected, atol=1e-4)
+
+
+def test_codes_split_every_video_even_when_the_encoder_is_nearly_constant():
+    model = tiny_lam()
+    with torch.no_grad():
+        model.to_latent.weight.mul_(1e-3)  # a fresh encoder, squeezed to a near-constant latent
+        model.to_latent.bias.fill_(3.0)  # far on one side of FSQ's split for every transition
     frames = moving_squares(batch=16)
-    _, before = model.loss(frames)
-    assert before["latent_std"] < 0.2  # mean pooling makes the fresh encoder nearly constant
-    assert before["variance_penalty"] > 0.3
+    videos = torch.arange(16) % 2
+    assert model.infer(frames).unique().numel() == 1  # raw, every transition gets the same id
+    _, metrics = model.loss(frames, videos)
+    assert metrics["action_perplexity"] > 1.5  # standardised per video, the codes split
+    assert metrics["standardize_penalty"] > 1.0  # and the raw latent is far from standard
+
+
+def test_standardize_penalty_makes_the_raw_latent_standard():
+    model = tiny_lam(standardize_weight=10.0)
+    frames, videos = moving_squares(batch=16), torch.arange(16) % 2
+    _, before = model.loss(frames, videos)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for _ in range(30):
-        loss, metrics = model.loss(frames)
+    for _ in range(40):
+        loss, metrics = model.loss(frames, videos)
         opt.zero_grad()
         loss.backward()
         opt.step()
-    assert metrics["latent_std"] > 2 * before["latent_std"]
-    assert metrics["variance_penalty"] < before["variance_penalty"]
+    assert metrics["standardize_penalty"] < before["standardize_penalty"] / 4
+    assert 0.5 < metrics["latent_std"] < 2.0
+
+
+def test_a_transition_gets_the_same_latent_wherever_it_sits_in_the_clip():
+    model = tiny_lam()
+    frames = moving_squares()
+    z = model.latents(frames)  # [B, 3, L]
+    assert torch.allclose(z[:, 1:], model.latents(frames[:, 1:]), atol=1e-5)
+    assert torch.allclose(z[:, 2], model.latents(frames[:, 2:])[:, 0], atol=1e-5)
+
+
+def test_loss_without_videos_treats_the_batch_as_one_video():
+    model = tiny_lam()
+    frames = moving_squares()
+    torch.manual_seed(0)
+    loss, _ = model.loss(frames)
+    torch.manual_seed(0)
+    same, _ = model.loss(frames, torch.full((8,), 5))
+    torch.manual_seed(0)
+    apart, _ = model.loss(frames, torch.arange(8) % 2)
+    assert loss.item() == pytest.approx(same.item())
+    assert loss.item() != pytest.approx(apart.item())
 
 
 def test_loss_backward_under_bf16_autocast():
-    model = tiny_lam()
+    model = tiny_lam(mask_ratio=0.5)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss, _ = model.loss(moving_squares())
     loss.backward()
@@ -125,7 +168,7 @@ def test_loss_backward_under_bf16_autocast():
         ({"levels": (2, 2, 2, 2, 2)}, "LatentActionConfig.levels=(2, 2, 2, 2, 2): gives 32 actions"),
         ({"mask_ratio": 1.0}, "LatentActionConfig.mask_ratio=1.0"),
         ({"mask_ratio": -0.1}, "LatentActionConfig.mask_ratio=-0.1: must be in [0.0, 1.0]"),
-        ({"variance_weight": -1.0}, "LatentActionConfig.variance_weight=-1.0"),
+        ({"standardize_weight": -1.0}, "LatentActionConfig.standardize_weight=-1.0: must be >= 0"),
         ({"patch_size": 3}, "LatentActionConfig.patch_size=3: frame_size 16 is not divisible by it"),
         ({"max_frames": 1}, "LatentActionConfig.max_frames=1"),
     ],

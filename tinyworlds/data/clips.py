@@ -112,8 +112,9 @@ class ClipDataset(Dataset):
 
     Items are dicts of tensors: "frames" -> uint8 [T, C, H, W] (converted to float on the
     device: 4x less to copy), "tokens" -> int64 [T, P], "actions" -> int64 [T-1] (the action
-    stored at frame t is the transition t -> t + frame_skip). Arrays are opened lazily in each
-    process, so the dataset works with DataLoader workers; `preload` reads whole arrays into
+    stored at frame t is the transition t -> t + frame_skip), and "video" -> int64 [] (the
+    clip's index in `videos`, for losses that treat videos apart). Arrays are opened lazily in
+    each process, so the dataset works with DataLoader workers; `preload` reads whole arrays into
     memory once (worth it for small stores: a clip then costs a slice, not a chunk decode).
     """
 
@@ -171,7 +172,7 @@ class ClipDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         video_id, start = (int(v) for v in self.index[i])
-        item = {}
+        item = {"video": torch.tensor(video_id)}
         for field in self.videos[video_id].fields:
             window = np.asarray(self._array(video_id, field)[start : start + self.span : self.frame_skip])
             if field == "frames":

@@ -1,15 +1,26 @@
 """Latent action model: infers a discrete action for each frame transition without labels.
 
-Encoder: patch embed -> space-time transformer over the clip (causal in time) -> mean over the
-patches of frame t+1 (which has seen frames 0..t+1) -> Linear to L dims -> FSQ -> action id.
-Decoder: predicts frame t+1 from frames 0..t, FiLM-conditioned on the quantized action of
-t -> t+1, causal in time. During the loss most decoder input tokens (all frames but the
-anchor frame 0) are replaced by a learned mask token, so copying the previous frame is not
-enough and the decoder has to read the action. A hinge on the per-dimension batch std of the
-bounded latent keeps the encoder from collapsing every transition onto one action.
+Encoder: each transition t -> t+1 on its own: frames t and t+1 -> patch embed -> space-time
+transformer over the pair (causal in time) -> mean over the patches of frame t+1 -> Linear to L
+dims -> FSQ -> action id. Decoder: predicts frame t+1 from frames 0..t, FiLM-conditioned on the
+quantized action of t -> t+1, causal in time.
 
-Dimension keys: B batch, T time, C channels, H/W pixels, S patch size, P patches per frame,
-E embedding, L FSQ dims (len(levels)), A actions (prod(levels)).
+Why pairs: an encoder that sees the whole clip can tell a transition's place in it (its
+temporal position embedding) and give every position its own code, which spreads the codes
+at no cost to the decoder and says nothing about the controls. A pair has no position to give
+away, and a transition's id is the same in every window that holds it.
+
+Why standardise per video: at this scale the reconstruction loss, early on, pulls every latent
+towards one value the decoder can rely on, and an anti-collapse penalty on the batch's spread
+is met by telling the games in the batch apart (one code per game). So in training each
+latent dimension is standardised over the batch's transitions of each video (zero mean, unit
+variance per video) before FSQ: the codes always split every video's transitions, and the
+decoder decides what the split means. A penalty pulls each video's raw latent mean to 0 and
+variance to 1, so by the end standardising changes little and inference (`infer`) uses the raw
+latent with no statistics, on any clip, even a single transition.
+
+Dimension keys: B batch, T time, N transitions (B*(T-1)), C channels, H/W pixels, S patch size,
+P patches per frame, E embedding, L FSQ dims (len(levels)), A actions (prod(levels)).
 """
 
 from __future__ import annotations
@@ -49,9 +60,8 @@ class LatentActionConfig:
     decoder_blocks: int = 2
     levels: tuple[int, ...] = (2, 2, 2)  # FSQ levels; num_actions = prod(levels), 4..16
     max_frames: int = 16
-    mask_ratio: float = 0.75  # fraction of decoder input tokens (frames >= 1) hidden in the loss
-    variance_weight: float = 1.0  # weight of the anti-collapse hinge
-    variance_target: float = 0.5  # per-dim batch std of the bounded latent below which it bites
+    mask_ratio: float = 0.0  # fraction of decoder input tokens (frames >= 1) hidden in the loss
+    standardize_weight: float = 0.1  # pulls each video's raw latent to zero mean, unit variance
 
     def __post_init__(self):
         check_frames(self)
@@ -63,9 +73,8 @@ class LatentActionConfig:
         check(self, "levels", 4 <= actions <= 16, f"gives {actions} actions; must give 4 to 16")
         check_fraction(self, "mask_ratio", 0.0, 1.0)
         check(self, "mask_ratio", self.mask_ratio < 1.0, "must be < 1 (some context must stay visible)")
-        check_number(self, "variance_weight")
-        check(self, "variance_weight", self.variance_weight >= 0, "must be >= 0")
-        check_fraction(self, "variance_target", 0.0, 1.0)
+        check_number(self, "standardize_weight")
+        check(self, "standardize_weight", self.standardize_weight >= 0, "must be >= 0")
 
 
 class LatentActionModel(nn.Module):
@@ -96,10 +105,13 @@ class LatentActionModel(nn.Module):
         return self.fsq.vocab_size
 
     def latents(self, frames: Tensor) -> Tensor:
-        """Frames [B, T, C, H, W] -> pre-quantization latent per transition [B, T-1, L]."""
-        x = self.encoder(self.encoder_embed(patchify(frames, self.config.patch_size)))  # [B, T, P, E]
-        pooled = reduce(x[:, 1:], "b t p e -> b t e", "mean")  # [B, T-1, E]
-        return self.to_latent(pooled)  # [B, T-1, L]
+        """Frames [B, T, C, H, W] -> raw latent of each transition [B, T-1, L], from its two frames alone."""
+        b = frames.shape[0]
+        pairs = torch.stack([frames[:, :-1], frames[:, 1:]], dim=2)  # [B, T-1, 2, C, H, W]
+        pairs = rearrange(pairs, "b t two c h w -> (b t) two c h w")  # [N, 2, C, H, W]
+        x = self.encoder(self.encoder_embed(patchify(pairs, self.config.patch_size)))  # [N, 2, P, E]
+        pooled = reduce(x[:, 1], "n p e -> n e", "mean")  # [N, E]: frame t+1, which has seen t
+        return rearrange(self.to_latent(pooled), "(b t) l -> b t l", b=b)  # [B, T-1, L]
 
     def predict(self, frames: Tensor, codes: Tensor, *, mask_ratio: float = 0.0) -> Tensor:
         """Frames 0..T-1 [B, T, C, H, W] and the action codes of each next transition [B, T, L]
@@ -116,35 +128,50 @@ class LatentActionModel(nn.Module):
 
     @torch.no_grad()
     def infer(self, frames: Tensor) -> Tensor:
-        """Frames [B, T, C, H, W] -> action ids LongTensor [B, T-1]. No gradient."""
+        """Frames [B, T, C, H, W] -> action ids LongTensor [B, T-1]. No gradient, no batch statistics."""
         return self.fsq.codes_to_ids(self.fsq(self.latents(frames)))
 
-    def loss(self, frames: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        """Next-frame MSE of the masked decoder + variance_weight * anti-collapse hinge.
+    def loss(self, frames: Tensor, videos: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+        """Next-frame MSE + standardize_weight * the penalty that makes each video's raw latent standard.
 
-        Metrics (detached): recon_mse, variance_penalty, latent_std (mean per-dim batch std of
-        the bounded latent), action_perplexity, and action_usage [A]: the fraction of the
-        batch's transitions given each action.
+        `videos` [B]: which video each clip comes from (the latents are standardised per video,
+        see the module docstring); None: all clips are one video.
+        Metrics (detached): recon_mse, standardize_penalty, latent_std (mean per-dim std of the
+        raw latent within a video), action_perplexity, and action_usage [A]: the fraction of
+        the batch's transitions given each action.
         """
-        if frames.shape[1] < 2:
-            raise TinyWorldsError(f"latent action loss needs clips of >= 2 frames, got {frames.shape[1]}")
-        z = self.latents(frames)  # [B, T-1, L]
-        bounded = self.fsq.bound(z)  # [B, T-1, L] in (-1, 1)
-        codes = self.fsq.quantize(bounded)  # [B, T-1, L]
+        b, t = frames.shape[:2]
+        if t < 2:
+            raise TinyWorldsError(f"latent action loss needs clips of >= 2 frames, got {t}")
+        z = rearrange(self.latents(frames), "b t l -> (b t) l").float()  # [N, L]
+        groups = torch.zeros(b, dtype=torch.long, device=frames.device) if videos is None else videos.long()
+        standard, mean, var = standardize_per_group(z, groups.repeat_interleave(t - 1))  # [N, L], [G, L], [G, L]
+        codes = self.fsq(rearrange(standard, "(b t) l -> b t l", b=b))  # [B, T-1, L]
         pred = self.predict(frames[:, :-1], codes, mask_ratio=self.config.mask_ratio)  # [B, T-1, C, H, W]
         recon = F.mse_loss(pred.float(), frames[:, 1:].float())
-        # The hinge acts on the bounded latent, the quantity FSQ rounds: a raw latent can have a
-        # large spread and still saturate tanh on one side, landing every sample on one code.
-        flat = rearrange(bounded, "b t l -> (b t) l")  # [B*(T-1), L]
-        std = torch.sqrt(flat.var(dim=0, correction=0) + 1e-6)  # [L]
-        variance_penalty = F.relu(self.config.variance_target - std).mean()
-        loss = recon + self.config.variance_weight * variance_penalty
+        penalty = (mean.square() + (0.5 * torch.log(var + EPS)).square()).mean()  # 0 at mean 0, variance 1
+        loss = recon + self.config.standardize_weight * penalty
         usage = id_usage(self.fsq.codes_to_ids(codes.detach()), self.num_actions)  # [A]
         metrics = {
             "recon_mse": recon.detach(),
-            "variance_penalty": variance_penalty.detach(),
-            "latent_std": std.detach().mean(),
+            "standardize_penalty": penalty.detach(),
+            "latent_std": var.detach().sqrt().mean(),
             "action_perplexity": perplexity(usage),
             "action_usage": usage,
         }
         return loss, metrics
+
+
+EPS = 1e-5  # variance floor of a standardised group
+
+
+def standardize_per_group(z: Tensor, groups: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Latents [N, L] and group ids [N] -> (each row standardised over its group [N, L], the
+    groups' means [G, L] and variances [G, L]), G = the ids present, in ascending order. A group
+    of one row has variance 0 and standardises to 0."""
+    ids, index = torch.unique(groups, return_inverse=True)  # [G], [N] in 0..G-1
+    counts = torch.bincount(index, minlength=len(ids)).to(z.dtype)[:, None]  # [G, 1]
+    mean = torch.zeros(len(ids), z.shape[1], device=z.device, dtype=z.dtype).index_add(0, index, z) / counts  # [G, L]
+    centred = z - mean[index]  # [N, L]
+    var = torch.zeros_like(mean).index_add(0, index, centred.square()) / counts  # [G, L]
+    return centred / torch.sqrt(var[index] + EPS), mean, var

@@ -29,7 +29,7 @@ STAGE = "train_actions"
 
 
 def lam_loss(model: LatentActionModel, batch: dict[str, torch.Tensor]):
-    return model.loss(to_model(batch["frames"]))
+    return model.loss(to_model(batch["frames"]), batch["video"])
 
 
 def window_starts(length: int, clip_len: int) -> list[int]:
