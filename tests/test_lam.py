@@ -64,7 +64,7 @@ def test_decoder_is_causal_and_reads_the_action():
 
 
 def test_masking_spares_the_anchor_frame():
-    model = tiny_lam()
+    model = tiny_lam(mask_ratio=0.5)
     frames = moving_squares()[:, :3]
     codes = torch.ones(8, 3, 2)
     torch.manual_seed(1)
@@ -73,6 +73,17 @@ def test_masking_spares_the_anchor_frame():
     # position 0 sees only frame 0 (causal), which is never masked
     assert torch.allclose(masked[:, 0], plain[:, 0], atol=1e-6)
     assert not torch.allclose(masked[:, 1:], plain[:, 1:], atol=1e-3)
+
+
+def test_every_parameter_learns_so_distributed_training_can_reduce_them():
+    for mask_ratio in (0.0, 0.5):
+        model = tiny_lam(mask_ratio=mask_ratio)
+        loss, _ = model.loss(moving_squares(), torch.arange(8) % 2)
+        loss.backward()
+        idle = [name for name, param in model.named_parameters() if param.grad is None]
+        assert idle == [], (mask_ratio, idle)
+    with pytest.raises(TinyWorldsError, match="mask_ratio > 0 needs a model built with"):
+        tiny_lam().predict(moving_squares()[:, :3], torch.ones(8, 3, 2), mask_ratio=0.5)
 
 
 def test_loss_falls_and_reports_action_usage():

@@ -93,7 +93,8 @@ class LatentActionModel(nn.Module):
         self.to_latent = nn.Linear(c.embed_dim, len(c.levels))
         self.fsq = FSQ(c.levels)
         self.decoder_embed = nn.Linear(patch_dim, c.embed_dim)
-        self.mask_token = nn.Parameter(torch.randn(c.embed_dim) * 0.02)
+        # Only with masking: a parameter no loss reaches would stall DistributedDataParallel.
+        self.mask_token = nn.Parameter(torch.randn(c.embed_dim) * 0.02) if c.mask_ratio > 0 else None
         self.decoder = SpaceTimeTransformer(
             c.embed_dim, c.num_heads, c.decoder_blocks, grid=self.grid, max_frames=c.max_frames,
             cond_dim=len(c.levels),
@@ -119,6 +120,8 @@ class LatentActionModel(nn.Module):
         tokens of frames >= 1 behind the mask token (frame 0 stays whole as an anchor)."""
         x = self.decoder_embed(patchify(frames, self.config.patch_size))  # [B, T, P, E]
         if mask_ratio > 0:
+            if self.mask_token is None:
+                raise TinyWorldsError("predict: mask_ratio > 0 needs a model built with config.mask_ratio > 0")
             b, t, p, _ = x.shape
             hide = torch.rand(b, t, p, 1, device=x.device) < mask_ratio  # [B, T, P, 1]
             hide[:, 0] = False
