@@ -235,7 +235,12 @@ def test_cli_serves_and_stops_on_ctrl_c(tmp_path):
         assert call(url + "api/info")[1]["num_actions"] == NUM_ACTIONS
     finally:
         process.send_signal(signal.SIGINT)
-        _, rest = process.communicate(timeout=30)
+        try:
+            _, rest = process.communicate(timeout=30)
+        except subprocess.TimeoutExpired:  # once seen in CI, not reproduced: keep what it said
+            process.kill()
+            _, rest = process.communicate()
+            pytest.fail(f"play did not stop within 30 s of Ctrl-C; it printed: {''.join(lines)}{rest}")
     assert process.returncode == 0 and "stopped" in rest
 
 
