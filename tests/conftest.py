@@ -127,6 +127,18 @@ def store_frames(n: int = STORE_FRAMES) -> np.ndarray:
     return frames
 
 
+def fit(model: torch.nn.Module, loss_fn: Callable[[], tuple], steps: int, lr: float = 3e-3) -> tuple:
+    """`steps` AdamW steps on `loss_fn()` (a model's loss on a fixed batch) -> the last
+    (loss, metrics) it returned, taken before that step's update."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    for _ in range(steps):
+        loss, metrics = loss_fn()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return loss, metrics
+
+
 def make_project(root: Path) -> Path:
     """data/models (tiny) and data/frames/pong.zarr under `root`."""
     save_tiny_models(root / "data" / "models")

@@ -3,6 +3,7 @@ import math
 import pytest
 import torch
 
+from tests.conftest import fit
 from tinyworlds.errors import TinyWorldsError
 from tinyworlds.models import MASK_SCHEDULES, DynamicsConfig, DynamicsModel
 from tinyworlds.models.dynamics import uniform_noise
@@ -66,14 +67,9 @@ def test_loss_ignores_frame_zero_and_unmasked_targets():
 def test_overfits_a_fixed_batch():
     model = tiny_dynamics().train()
     tokens, actions = random_clip()
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     torch.manual_seed(0)
     first, _ = model.loss(tokens, actions)
-    for _ in range(120):
-        loss, metrics = model.loss(tokens, actions)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    loss, metrics = fit(model, lambda: model.loss(tokens, actions), steps=120)
     assert loss.item() < first.item() / 10
     assert metrics["masked_accuracy"] > 0.9
 
@@ -209,12 +205,7 @@ def test_cached_generation_equals_the_reference_for_a_trained_model():
     # rounding difference between the two paths would show.
     model = tiny_dynamics().train()
     tokens, actions = random_clip(batch=4, frames=4)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for _ in range(60):
-        loss, _ = model.loss(tokens, actions)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    fit(model, lambda: model.loss(tokens, actions), steps=60)
     model.eval()
     for temperature in (0.0, 1.0):
         kwargs = dict(context_actions=actions[:, :1], steps=4, temperature=temperature, seed=0)

@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from tests.conftest import fit
 from tinyworlds.errors import TinyWorldsError
 from tinyworlds.models import LatentActionConfig, LatentActionModel
 from tinyworlds.models.lam import standardize_per_group
@@ -89,16 +90,11 @@ def test_every_parameter_learns_so_distributed_training_can_reduce_them():
 def test_loss_falls_and_reports_action_usage():
     model = tiny_lam()
     frames = moving_squares()
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     torch.manual_seed(0)
     first, metrics = model.loss(frames)
     assert metrics["action_usage"].shape == (4,)
     assert metrics["action_usage"].sum().item() == pytest.approx(1.0)
-    for _ in range(60):
-        loss, metrics = model.loss(frames)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    loss, metrics = fit(model, lambda: model.loss(frames), steps=60)
     assert loss.item() < first.item() / 4
     assert metrics["recon_mse"] < 0.25
     assert 1.0 <= metrics["action_perplexity"] <= 4.0
@@ -131,12 +127,7 @@ def test_standardize_penalty_makes_the_raw_latent_standard():
     model = tiny_lam(standardize_weight=10.0)
     frames, videos = moving_squares(batch=16), torch.arange(16) % 2
     _, before = model.loss(frames, videos)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for _ in range(40):
-        loss, metrics = model.loss(frames, videos)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    _, metrics = fit(model, lambda: model.loss(frames, videos), steps=40)
     assert metrics["standardize_penalty"] < before["standardize_penalty"] / 4
     assert 0.5 < metrics["latent_std"] < 2.0
 

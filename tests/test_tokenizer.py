@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from tests.conftest import fit
 from tinyworlds.errors import TinyWorldsError
 from tinyworlds.models import TokenizerConfig, VideoTokenizer, to_model, to_uint8
 
@@ -63,13 +64,8 @@ def test_a_frames_tokens_depend_on_that_frame_alone():
 def test_overfits_a_fixed_batch():
     model = tiny_tokenizer()
     frames = blocky_frames()
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     first, _ = model.loss(frames)
-    for _ in range(150):
-        loss, metrics = model.loss(frames)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    _, metrics = fit(model, lambda: model.loss(frames), steps=150)
     assert metrics["mse"] < first.item() / 10
     assert metrics["psnr"] > 15
     assert 0 < metrics["codebook_usage"] <= 1
