@@ -89,7 +89,7 @@ def set_inference_threads(setting: str | int, device: torch.device, *, sample_se
     `auto` takes the cores other processes leave idle, at least one. Batch-1 generation is
     many small ops, and OpenMP threads that share a core with another busy process wait on
     each other at every op: on our 2-core machine, with one other busy process, 2 threads made
-    11 frames/s and 1 thread 28 (bench/README.md, "CPU threads"). A number is used as given.
+    11.4 frames/s and 1 thread 26.8 (bench/README.md, "Threads"). A number is used as given.
     """
     threads = parse_threads(setting)
     if device.type != "cpu":
