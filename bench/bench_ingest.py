@@ -165,6 +165,7 @@ def codec_comparison(frames: np.ndarray, workdir: Path, reps: int) -> list[dict]
     ]
     rows = []
     for fmt, name, codec, chunk in candidates:
+        chunk = min(chunk, len(frames))  # a chunk no longer than a short clip (HDF5 refuses it)
         path = workdir / f"codec.{fmt}"
         shutil.rmtree(path, ignore_errors=True)
         path.unlink(missing_ok=True)

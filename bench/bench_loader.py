@@ -5,7 +5,7 @@
 Builds a small project in a temp dir the way the pipeline does: records the Atari games of
 params.yaml's `recordings` (ale-py, their frame counts or --frames), ingests them with the
 datasets' crop and fit into zarr frame stores, writes the token cache (stage tokenize's
-writer) and the latent-action cache (train_actions' writer) with untrained models of the
+writer) and the latent-action cache (train_lam' writer) with untrained models of the
 default sizes. Then, for each training stage, the `Trainer` the stage builds gives the loader
 (`train.num_workers` from params, the stage's clip length and batch, preload as the stage
 decides from the store sizes) and the training step of the default-size model.
@@ -25,17 +25,17 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 import harness
+import torch
 from bench_training import make_trainer, time_train_steps
+
+from tinyworlds.core.params import Layout, dataset_names, load_params, section
 from tinyworlds.data.clips import ClipDataset
 from tinyworlds.data.ingest import ingest
 from tinyworlds.data.record import record_gameplay
-from tinyworlds.params import Layout, dataset_names, load_params, section
-from tinyworlds.training import common
-from tinyworlds.training.tokenize import tokenize_store
-from tinyworlds.training.train_actions import cache_latent_actions
+from tinyworlds.data.roots import clip_datasets, data_root, frame_videos, split_config
+from tinyworlds.inference.latent_actions import cache_latent_actions
+from tinyworlds.inference.tokens import tokenize_store
 from tinyworlds.training.train_dynamics import token_videos
 
 
@@ -46,7 +46,7 @@ def build_project(root: Path, params: dict, preset: harness.Preset, frames: int 
     layout = Layout(root)
     names = dataset_names(params)
     tokenizer = harness.build_model(preset, "tokenizer").to(device).eval()
-    lam = harness.build_model(preset, "actions").to(device).eval()
+    lam = harness.build_model(preset, "lam").to(device).eval()
     for name in names:
         recording = (params.get("recordings") or {}).get(name)
         if recording is None:
@@ -62,7 +62,7 @@ def build_project(root: Path, params: dict, preset: harness.Preset, frames: int 
                         fps=float(params["data"]["fps"]), crop=crop, fit=dataset.get("fit", "crop"), progress=False)
         tokenize_store(tokenizer, layout.frames(name), layout.tokens(name), device=device, attrs={}, progress=False,
                        batch_size=int(section(params, "tokenize", "batch_size")))
-        cache_latent_actions(lam, layout.frames(name), layout.latent_actions(name), clip_len=preset.clip_len["actions"],
+        cache_latent_actions(lam, layout.frames(name), layout.latent_actions(name), clip_len=preset.clip_len["lam"],
                              frame_skip=int(params["data"]["frame_skip"]), device=device)
         print(f"  {name}: {report.frames} frames of {recording['game']} recorded, ingested, tokenized "
               f"({time.perf_counter() - start:.0f} s)")
@@ -92,26 +92,29 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=100, help="batches per timed loader run")
     parser.add_argument("--reps", type=int, default=5, help="timed training steps")
     parser.add_argument("--warmup", type=int, default=2, help="untimed training steps first")
+    parser.add_argument("--preset", choices=list(harness.PRESETS), default="default",
+                        help="model sizes; frames are ingested at the preset's frame size")
     parser.add_argument("--out", type=Path, default=harness.RESULTS / "loader.json")
     harness.add_machine_args(parser)
     args = parser.parse_args()
 
     device, info = harness.start(args)
     params = load_params(harness.ROOT / "params.yaml")
-    preset = harness.default_preset()
+    preset = harness.PRESETS[args.preset]()
+    params["data"]["size"] = preset.tokenizer.frame_size  # frames the preset's models take
     results = {"machine": info, "frames_recorded": args.frames, "batches": args.batches, "reps": args.reps,
                "preset": preset.summary(), "stages": {}}
     with tempfile.TemporaryDirectory(prefix="bench_loader_") as tmp:
         root = Path(tmp)
         print(f"building a project in {root} ...")
         names = build_project(root, params, preset, args.frames, device)
-        data = common.data_root(params, Layout(root))
-        videos = {"tokenizer": common.frame_videos(data, names), "actions": common.frame_videos(data, names),
+        data = data_root(params, Layout(root))
+        videos = {"tokenizer": frame_videos(data, names), "lam": frame_videos(data, names),
                   "dynamics": token_videos(data, names)}
         print(f"\n  {'stage':10s} {'workers':>7s} {'preload':>7s} {'first batch':>11s} {'loader clips/s':>14s} "
               f"{'training clips/s':>16s} {'ratio':>7s} {'streaming clips/s':>17s}")
         for stage in harness.STAGES:
-            train_set, _ = common.clip_datasets(params, videos[stage], preset.clip_len[stage])
+            train_set, _ = clip_datasets(params, videos[stage], preset.clip_len[stage])
             model = harness.build_model(preset, stage)
             trainer = make_trainer(stage, model, preset, device, args, root / "state", train_set=train_set)
             first, loaded = loader_clips_per_s(trainer.build_loader(0), args.batches)
@@ -119,7 +122,7 @@ def main() -> None:
             step = time_train_steps({stage: (trainer, batch)}, args)[stage]
             consumed = preset.batch[stage] / step
             streaming = ClipDataset(videos[stage], clip_len=preset.clip_len[stage], split="train",
-                                    split_config=common.split_config(params), preload=False)
+                                    split_config=split_config(params), preload=False)
             _, streamed = loader_clips_per_s(make_trainer(stage, model, preset, device, args, root / "state",
                                                           train_set=streaming).build_loader(0), args.batches)
             row = {"num_workers": trainer.config.num_workers, "preload": train_set.preload, "clips": len(train_set),

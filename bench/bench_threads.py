@@ -17,11 +17,11 @@ import multiprocessing
 import time
 from pathlib import Path
 
-import torch
-
 import harness
+import torch
 from bench_models import rollout_inputs
-from tinyworlds.training.device import cpu_cores, set_inference_threads
+
+from tinyworlds.core.device import cpu_cores, set_inference_threads
 
 
 def spin(stop) -> None:
@@ -52,7 +52,7 @@ class BusyProcesses:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", choices=["default", "reference"], default="default")
+    parser.add_argument("--preset", choices=list(harness.PRESETS), default="default")
     parser.add_argument("--busy", type=int, nargs="+", default=[0, 1], help="other busy processes, per case")
     parser.add_argument("--steps", type=int, default=10, help="MaskGIT steps per generated frame")
     parser.add_argument("--frames", type=int, default=4, help="frames generated per rollout")

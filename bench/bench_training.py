@@ -23,18 +23,18 @@ import tempfile
 from dataclasses import replace
 from pathlib import Path
 
+import harness
 import torch
 
-import harness
+from tinyworlds.core.device import autocast
 from tinyworlds.models import DynamicsConfig, count_parameters, to_model
 from tinyworlds.models.blocks import swiglu_hidden
-from tinyworlds.training.device import autocast
 from tinyworlds.training.loop import Trainer
-from tinyworlds.training.train_actions import lam_loss
 from tinyworlds.training.train_dynamics import dynamics_loss
+from tinyworlds.training.train_lam import lam_loss
 from tinyworlds.training.train_tokenizer import tokenizer_loss
 
-LOSSES = {"tokenizer": tokenizer_loss, "actions": lam_loss, "dynamics": dynamics_loss}
+LOSSES = {"tokenizer": tokenizer_loss, "lam": lam_loss, "dynamics": dynamics_loss}
 
 # Dense bf16 tensor-core peaks (vendor figures, TFLOP/s), matched against the CUDA device name
 # in this order; --peak-tflops overrides.
@@ -69,7 +69,8 @@ def replace_reps(args: argparse.Namespace, reps: int) -> argparse.Namespace:
 
 
 def synthetic_batch(preset: harness.Preset, stage: str, *, frames: bool, seed: int = 0) -> dict[str, torch.Tensor]:
-    """A batch as the loader gives it: uint8 frames [B, T, C, H, W], or tokens [B, T, P]; actions [B, T-1]."""
+    """A batch as the loader gives it: uint8 frames [B, T, C, H, W] (and the LAM's video ids [B]), or
+    tokens [B, T, P] and latent actions [B, T-1]."""
     g = torch.Generator().manual_seed(seed)
     b, t = preset.batch[stage], preset.clip_len[stage]
     batch = {}
@@ -79,8 +80,10 @@ def synthetic_batch(preset: harness.Preset, stage: str, *, frames: bool, seed: i
         batch["frames"] = torch.randint(0, 256, shape, dtype=torch.uint8, generator=g)
     else:
         batch["tokens"] = torch.randint(0, preset.dynamics.vocab_size, (b, t, preset.dynamics.num_patches), generator=g)
+    if stage == "lam":  # which video each clip comes from: the LAM standardises latents per video
+        batch["video"] = torch.arange(b) % 2
     if stage == "dynamics":
-        batch["actions"] = torch.randint(0, preset.dynamics.num_actions, (b, t - 1), generator=g)
+        batch["latent_actions"] = torch.randint(0, preset.dynamics.num_actions, (b, t - 1), generator=g)
     return batch
 
 
@@ -129,7 +132,7 @@ def bench_preset(preset: harness.Preset, args, device: torch.device, state_dir: 
               f"{clips:8.1f} {row['tokens_per_s']:10,.0f}")
         return row
 
-    for stage in ("tokenizer", "actions"):
+    for stage in ("tokenizer", "lam"):
         model = harness.build_model(preset, stage)
         trainer = make_trainer(stage, model, preset, device, args, state_dir)
         seconds = time_train_steps({stage: (trainer, synthetic_batch(preset, stage, frames=True))}, args)[stage]
@@ -141,7 +144,7 @@ def bench_preset(preset: harness.Preset, args, device: torch.device, state_dir: 
 
     def tokenize_then_loss(model, batch):
         tokens = tokenizer.encode(to_model(batch["frames"]))  # [B, T, P], no_grad inside
-        return dynamics_loss(model, {"tokens": tokens, "actions": batch["actions"]})
+        return dynamics_loss(model, {"tokens": tokens, "latent_actions": batch["latent_actions"]})
 
     cached = make_trainer("dynamics", harness.build_model(preset, "dynamics"), preset, device, args, state_dir)
     tokenizing = make_trainer("dynamics", harness.build_model(preset, "dynamics"), preset, device, args, state_dir,
@@ -178,7 +181,7 @@ def bench_preset(preset: harness.Preset, args, device: torch.device, state_dir: 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", choices=["default", "reference", "both"], default="both")
+    parser.add_argument("--preset", choices=[*harness.PRESETS, "both"], default="both")
     parser.add_argument("--reps", type=int, default=5, help="timed steps per figure")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (2 more with --compile)")
     parser.add_argument("--peak-tflops", type=float, default=None, help="the device's peak, for MFU")

@@ -23,6 +23,9 @@ from typing import Any
 import torch
 
 import tinyworlds
+from tinyworlds.core.config import build_model_config, clip_len
+from tinyworlds.core.device import pick_device
+from tinyworlds.core.params import load_params
 from tinyworlds.models import (
     DynamicsConfig,
     DynamicsModel,
@@ -31,14 +34,12 @@ from tinyworlds.models import (
     TokenizerConfig,
     VideoTokenizer,
 )
-from tinyworlds.params import load_params
-from tinyworlds.training.common import build_model_config, build_train_config, clip_len
-from tinyworlds.training.device import pick_device
 from tinyworlds.training.loop import TrainConfig
+from tinyworlds.training.setup import build_train_config
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
-STAGES = ("tokenizer", "actions", "dynamics")  # params.yaml sections of the three models
+STAGES = ("tokenizer", "lam", "dynamics")  # params.yaml sections of the three models
 
 
 # ---------------------------------------------------------------------------------------------
@@ -145,9 +146,9 @@ class Preset:
 
     name: str
     tokenizer: TokenizerConfig
-    actions: LatentActionConfig
+    lam: LatentActionConfig
     dynamics: DynamicsConfig
-    clip_len: dict[str, int]  # per stage section: tokenizer, actions, dynamics
+    clip_len: dict[str, int]  # per stage section: tokenizer, lam, dynamics
     train: dict[str, TrainConfig]  # batch size, loader workers, precision, compile
 
     @property
@@ -169,12 +170,12 @@ def reference_preset() -> Preset:
     FSQ as there: 5 dims of 4 bins (vocab 1024) for video tokens, 4 latent actions."""
     tokenizer = TokenizerConfig(frame_size=64, patch_size=4, embed_dim=32, num_heads=8, encoder_blocks=4,
                                 decoder_blocks=4, levels=(4, 4, 4, 4, 4), max_frames=4)
-    actions = LatentActionConfig(frame_size=64, patch_size=4, embed_dim=32, num_heads=8, encoder_blocks=2,
+    lam = LatentActionConfig(frame_size=64, patch_size=4, embed_dim=32, num_heads=8, encoder_blocks=2,
                                  decoder_blocks=2, levels=(2, 2), max_frames=4)
     dynamics = DynamicsConfig(vocab_size=1024, num_patches=256, num_actions=4, embed_dim=32, num_heads=8,
                               num_blocks=8, max_frames=4)
     train = {stage: TrainConfig(batch_size=16, steps=10_000, warmup_steps=0) for stage in STAGES}
-    return Preset("reference", tokenizer, actions, dynamics, dict.fromkeys(STAGES, 4), train)
+    return Preset("reference", tokenizer, lam, dynamics, dict.fromkeys(STAGES, 4), train)
 
 
 def default_preset(params_path: Path = ROOT / "params.yaml") -> Preset:
@@ -185,25 +186,37 @@ def default_preset(params_path: Path = ROOT / "params.yaml") -> Preset:
     lengths = {stage: clip_len(params, stage) for stage in STAGES}
     tokenizer = build_model_config(TokenizerConfig, params, "tokenizer", frame_size=size, channels=3,
                                    max_frames=lengths["tokenizer"])
-    actions = build_model_config(LatentActionConfig, params, "actions", frame_size=size, channels=3,
-                                 max_frames=lengths["actions"])
+    lam = build_model_config(LatentActionConfig, params, "lam", frame_size=size, channels=3,
+                                 max_frames=lengths["lam"])
     dynamics = build_model_config(  # vocabularies are the FSQ products, as the caches record them
         DynamicsConfig, params, "dynamics", max_frames=lengths["dynamics"], vocab_size=math.prod(tokenizer.levels),
-        num_patches=(size // tokenizer.patch_size) ** 2, num_actions=math.prod(actions.levels),
+        num_patches=(size // tokenizer.patch_size) ** 2, num_actions=math.prod(lam.levels),
     )
     train = {stage: build_train_config(params, stage) for stage in STAGES}
-    return Preset("default", tokenizer, actions, dynamics, lengths, train)
+    return Preset("default", tokenizer, lam, dynamics, lengths, train)
 
 
-PRESETS = {"default": default_preset, "reference": reference_preset}
+def tiny_preset() -> Preset:
+    """Sizes that run in a blink: for the test suite's smoke run of every benchmark, not for figures."""
+    tokenizer = TokenizerConfig(frame_size=16, patch_size=4, embed_dim=16, num_heads=2, encoder_blocks=1,
+                                decoder_blocks=1, levels=(4, 4), max_frames=3)
+    lam = LatentActionConfig(frame_size=16, patch_size=4, embed_dim=16, num_heads=2, encoder_blocks=1,
+                             decoder_blocks=1, levels=(2, 2), max_frames=3)
+    dynamics = DynamicsConfig(vocab_size=16, num_patches=16, num_actions=4, embed_dim=16, num_heads=2,
+                              num_blocks=1, max_frames=3)
+    train = {stage: TrainConfig(batch_size=2, steps=100, warmup_steps=0) for stage in STAGES}
+    return Preset("tiny", tokenizer, lam, dynamics, dict.fromkeys(STAGES, 3), train)
+
+
+PRESETS = {"default": default_preset, "reference": reference_preset, "tiny": tiny_preset}
 
 
 def presets(choice: str) -> list[Preset]:
-    """`default`, `reference` or `both`."""
-    return [PRESETS[name]() for name in (PRESETS if choice == "both" else [choice])]
+    """One preset by name, or `both`: default and reference."""
+    return [PRESETS[name]() for name in (("default", "reference") if choice == "both" else [choice])]
 
 
 def build_model(preset: Preset, stage: str, seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
-    kind = {"tokenizer": VideoTokenizer, "actions": LatentActionModel, "dynamics": DynamicsModel}[stage]
+    kind = {"tokenizer": VideoTokenizer, "lam": LatentActionModel, "dynamics": DynamicsModel}[stage]
     return kind(preset.config(stage))

@@ -78,7 +78,7 @@ def training_table(r: dict) -> list[str]:
              "| sizes | model | batch x frames | ms/step | steps/s | tokens/s |", "|---|---|---:|---:|---:|---:|"]
     for name, preset in r["presets"].items():
         models = preset["models"]
-        rows = [(stage, models[stage]) for stage in ("tokenizer", "actions")]
+        rows = [(stage, models[stage]) for stage in ("tokenizer", "lam")]
         rows += [("dynamics (token cache)", models["dynamics"]),
                  ("dynamics (tokenize in step)", models["dynamics"]["on_the_fly"])]
         for label, row in rows:

@@ -2,9 +2,9 @@
 
 import sys
 
+from tinyworlds.core.params import Layout, load_params, section
+from tinyworlds.core.stage import run_stage
 from tinyworlds.data.ingest import ingest
-from tinyworlds.params import Layout, load_params, section
-from tinyworlds.stage import run_stage
 
 
 def main(name: str) -> None:

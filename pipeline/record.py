@@ -2,9 +2,9 @@
 
 import sys
 
+from tinyworlds.core.params import Layout, load_params, section
+from tinyworlds.core.stage import run_stage
 from tinyworlds.data.record import record_gameplay
-from tinyworlds.params import Layout, load_params, section
-from tinyworlds.stage import run_stage
 
 
 def main(name: str) -> None:
@@ -21,4 +21,4 @@ def main(name: str) -> None:
 
 
 if __name__ == "__main__":
-    run_stage(lambda: main(sys.argv[1]))
+    run_stage(lambda: main(sys.argv[1]), params_section=f"recordings.{sys.argv[1]}")

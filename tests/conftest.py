@@ -114,7 +114,7 @@ def save_tiny_models(models_dir: Path, num_actions: int = NUM_ACTIONS) -> None:
         vocab_size=tokenizer.vocab_size, num_patches=tokenizer.num_patches, num_actions=actions.num_actions,
         embed_dim=32, num_heads=2, num_blocks=1, max_frames=WINDOW,
     ))
-    for kind, model in (("tokenizer", tokenizer), ("actions", actions), ("dynamics", dynamics)):
+    for kind, model in (("tokenizer", tokenizer), ("lam", actions), ("dynamics", dynamics)):
         save_model(model, models_dir / kind)
 
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from tinyworlds.errors import TinyWorldsError
+from tinyworlds.core.errors import TinyWorldsError
 from tinyworlds.models.blocks import (
     SpaceTimeBlock,
     SpaceTimeTransformer,

@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from tinyworlds.errors import TinyWorldsError
+from tinyworlds.core.errors import TinyWorldsError
 from tinyworlds.models import (
     DynamicsConfig,
     DynamicsModel,

@@ -3,8 +3,17 @@ import pytest
 import torch
 import zarr
 
-from tinyworlds.data.clips import GAP, TRAIN, VAL, ClipDataset, SplitConfig, VideoArrays, clip_starts, frame_labels
-from tinyworlds.errors import TinyWorldsError
+from tinyworlds.core.errors import TinyWorldsError
+from tinyworlds.data.clips import (
+    GAP,
+    TRAIN,
+    VAL,
+    ClipDataset,
+    SplitConfig,
+    VideoArrays,
+    clip_starts,
+    frame_labels,
+)
 
 
 def make_store(path, num_frames, size=8):
@@ -13,7 +22,7 @@ def make_store(path, num_frames, size=8):
     frames[:, 0, 0, 0] = np.arange(num_frames) % 256  # frame index in a pixel
     frames[:, 0, 0, 1] = np.arange(num_frames) // 256
     group.create_array("frames", data=frames, chunks=(16, size, size, 3))
-    group.create_array("actions", data=np.arange(num_frames, dtype=np.int16), chunks=(16,))
+    group.create_array("latent_actions", data=np.arange(num_frames, dtype=np.int16), chunks=(16,))
     return VideoArrays(path.stem, {"frames": (path, "frames")})
 
 
@@ -77,9 +86,9 @@ def test_items_are_uint8_channels_first_and_preload_matches(tmp_path):
 def test_actions_field_gives_one_per_transition(tmp_path):
     path = tmp_path / "a.zarr"
     make_store(path, 300)
-    dataset = ClipDataset([VideoArrays("a", {"actions": (path, "actions")})], clip_len=4, frame_skip=2)
+    dataset = ClipDataset([VideoArrays("a", {"latent_actions": (path, "latent_actions")})], clip_len=4, frame_skip=2)
     start = int(dataset.index[5][1])
-    assert dataset[5]["actions"].tolist() == [start, start + 2, start + 4]
+    assert dataset[5]["latent_actions"].tolist() == [start, start + 2, start + 4]
 
 
 def test_works_in_dataloader_workers(tmp_path):

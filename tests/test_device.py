@@ -5,9 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tinyworlds.errors import TinyWorldsError
-from tinyworlds.training import device as device_module
-from tinyworlds.training.device import parse_threads, pick_device, resolve_precision, set_inference_threads
+from tinyworlds.core import device as device_module
+from tinyworlds.core.device import (
+    parse_threads,
+    pick_device,
+    resolve_precision,
+    set_inference_threads,
+)
+from tinyworlds.core.errors import TinyWorldsError
 
 CPU = torch.device("cpu")
 

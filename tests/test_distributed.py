@@ -26,7 +26,7 @@ import zarr
 from torch import nn
 
 from tests.test_loop import Pairs
-from tinyworlds.errors import TinyWorldsError
+from tinyworlds.core.errors import TinyWorldsError
 from tinyworlds.training import distributed
 from tinyworlds.training.loop import StepBatchSampler, TrainConfig, Trainer
 

@@ -16,10 +16,20 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from tests.conftest import NUM_ACTIONS, PALETTE, SIZE, make_project, save_tiny_models, solid_frames, store_frames, write_video
-from tinyworlds.cli import app
-from tinyworlds.dream import parse_action_script, script_actions
-from tinyworlds.errors import TinyWorldsError
+from tests.conftest import (
+    NUM_ACTIONS,
+    PALETTE,
+    SIZE,
+    make_project,
+    save_tiny_models,
+    solid_frames,
+    store_frames,
+    write_video,
+)
+from tinyworlds.apps.actions import parse_action_script, script_actions
+from tinyworlds.apps.cli import app
+from tinyworlds.core.errors import TinyWorldsError
+
 
 @pytest.fixture
 def project(tmp_path, monkeypatch) -> Path:
@@ -182,8 +192,8 @@ def break_models(root: Path, how: str) -> None:
     elif how == "incompatible":  # a dynamics model from a run with 8 latent actions
         other = root / "other"
         save_tiny_models(other, num_actions=8)
-        shutil.rmtree(models / "actions")
-        shutil.copytree(other / "actions", models / "actions")
+        shutil.rmtree(models / "lam")
+        shutil.copytree(other / "lam", models / "lam")
 
 
 @pytest.mark.parametrize(
@@ -214,7 +224,7 @@ def test_bad_inputs_are_one_line(project):
         (["--video", "short.mp4", "--replay", "--frames", "8"], "short.mp4: has 4 frames at 15 fps, too few for 3 context frames + 8"),
         (["--video", "missing.mp4"], "missing.mp4: no such file"),
         (["--video", "short.mp4", "--crop", "8,8,32,32"], "--crop (8, 8, 32, 32): the box (x, y, w, h) lies outside the 32x32 video"),
-        (["--dataset", "pong", "--crop", "0,0,8,8"], "--crop and --fit: shape a --video"),
+        (["--dataset", "pong", "--crop", "0,0,8,8"], "--crop and --fit: shape a video; a dataset clip is shaped already"),
         (["--image", "still.png", "--compare"], "still.png: a still image has no real continuation"),
         (["--image", "not_an_image.png"], "not_an_image.png: not an image Pillow can read"),
         (["--image", "still.png", "--dataset", "pong"], "--dataset and --image: give one start"),

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from tests.conftest import fit
-from tinyworlds.errors import TinyWorldsError
+from tinyworlds.core.errors import TinyWorldsError
 from tinyworlds.models import MASK_SCHEDULES, DynamicsConfig, DynamicsModel
 from tinyworlds.models.dynamics import uniform_noise
 

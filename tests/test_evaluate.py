@@ -13,16 +13,22 @@ import torch
 import zarr
 from mlflow import MlflowClient
 
+from tinyworlds.core.errors import TinyWorldsError
+from tinyworlds.core.params import Layout
 from tinyworlds.data.clips import SplitConfig
-from tinyworlds.errors import TinyWorldsError
-from tinyworlds.evaluation.evaluate import EvaluateConfig, dynamics_metrics, evaluate, flatten, held_out_clips
-from tinyworlds.evaluation.metrics import finite_mean, psnr
+from tinyworlds.evaluation.evaluate import (
+    EvaluateConfig,
+    dynamics_metrics,
+    evaluate,
+    flatten,
+    held_out_clips,
+)
+from tinyworlds.inference.world import GenerationSettings, WorldModel
+from tinyworlds.metrics import finite_mean, psnr
 from tinyworlds.models import TokenizerConfig, VideoTokenizer
 from tinyworlds.models.checkpoint import save_model
 from tinyworlds.models.dynamics import DynamicsConfig, DynamicsModel
 from tinyworlds.models.lam import LatentActionConfig, LatentActionModel
-from tinyworlds.params import Layout
-from tinyworlds.world import GenerationSettings, WorldModel
 
 FRAMES = 200  # 5 blocks of 40: frames 160..199 are validation, 156..159 a gap
 MEANINGS = ["NOOP", "UP", "DOWN"]
@@ -54,11 +60,11 @@ def write_store(root: Path, name: str, actions: np.ndarray | None) -> None:
     frames = square_video(actions if actions is not None else np.zeros(FRAMES, dtype=np.int64))
     group.create_array("frames", data=frames, chunks=(64, 16, 16, 3))
     if actions is not None:
-        group.create_array("actions", data=actions.astype(np.int16))
+        group.create_array("true_actions", data=actions.astype(np.int16))
         group.attrs["action_meanings"] = MEANINGS
     latent = PERMUTATION[actions] if actions is not None else np.arange(FRAMES) % 4
     latent = np.append(latent[:-1], -1).astype(np.int16)  # the last frame has no transition
-    zarr.open_group(str(Layout(root).latent_actions(name)), mode="w").create_array("actions", data=latent)
+    zarr.open_group(str(Layout(root).latent_actions(name)), mode="w").create_array("latent_actions", data=latent)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -77,7 +83,7 @@ def project(tmp_path_factory) -> Path:
     tiny = dict(frame_size=16, patch_size=4, embed_dim=32, num_heads=2, encoder_blocks=1, decoder_blocks=1, max_frames=4)
     layout = Layout(root)
     save_model(VideoTokenizer(TokenizerConfig(**tiny, levels=(4, 4))), layout.model("tokenizer"))
-    save_model(LatentActionModel(LatentActionConfig(**tiny, levels=(2, 2))), layout.model("actions"))
+    save_model(LatentActionModel(LatentActionConfig(**tiny, levels=(2, 2))), layout.model("lam"))
     save_model(DynamicsModel(DynamicsConfig(vocab_size=16, num_patches=16, num_actions=4, embed_dim=32, num_heads=2,
                                             num_blocks=1, max_frames=4)), layout.model("dynamics"))
     actions = np.random.default_rng(0).choice(3, size=FRAMES, p=[0.5, 0.3, 0.2])
@@ -102,7 +108,7 @@ def test_writes_every_metric_finite_to_the_json(project, evaluated):
     for name in ("pong", "plain", "mean"):
         flat = flatten(written[name])
         for key in ("tokenizer.psnr", "tokenizer.ssim", "tokenizer.codebook_used", "tokenizer.codebook_perplexity",
-                    "actions.entropy_nats", "actions.perplexity", "actions.usage.0", "actions.usage.3",
+                    "lam.entropy_nats", "lam.perplexity", "lam.usage.0", "lam.usage.3",
                     "dynamics.next_frame_psnr", "dynamics.next_frame_ssim", "dynamics.reconstruction_ceiling_psnr",
                     "dynamics.rollout_psnr.h1", "dynamics.rollout_psnr.h3", "dynamics.copy_last_psnr.h3",
                     "dynamics.random_actions_psnr.h3", "dynamics.copy_last_tokens_psnr.h3", "dynamics.delta_psnr",
@@ -116,15 +122,15 @@ def test_writes_every_metric_finite_to_the_json(project, evaluated):
 
 
 def test_action_metrics_against_ground_truth(evaluated):
-    pong = evaluated["pong"]["actions"]
+    pong = evaluated["pong"]["lam"]
     # The synthetic LAM is a relabelling of the true actions: perfect NMI and mapping.
     assert pong["nmi"] == pytest.approx(1.0) and pong["mapping_accuracy"] == 1.0
     assert pong["usage"]["1"] == 0.0 and sum(pong["usage"].values()) == pytest.approx(1.0)
     true_val = np.random.default_rng(0).choice(3, size=FRAMES, p=[0.5, 0.3, 0.2])[160:199]  # transitions 160..198
     assert pong["chance_accuracy"] == pytest.approx(np.bincount(true_val).max() / len(true_val))
-    assert "nmi" not in evaluated["plain"]["actions"]  # no ground truth there
-    assert "nmi" not in evaluated["mean"]["actions"]
-    assert evaluated["plain"]["actions"]["entropy_nats"] == pytest.approx(math.log(4), abs=0.01)
+    assert "nmi" not in evaluated["plain"]["lam"]  # no ground truth there
+    assert "nmi" not in evaluated["mean"]["lam"]
+    assert evaluated["plain"]["lam"]["entropy_nats"] == pytest.approx(math.log(4), abs=0.01)
 
 
 def pong_clips(project: Path) -> torch.Tensor:

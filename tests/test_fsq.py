@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from tinyworlds.errors import TinyWorldsError
+from tinyworlds.core.errors import TinyWorldsError
 from tinyworlds.models.fsq import FSQ, id_usage, perplexity
 
 

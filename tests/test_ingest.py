@@ -32,7 +32,7 @@ def test_containers_resample_30_to_15_fps(make_video, tmp_path, name, encoder, c
     with open_frame_store(tmp_path / "out.zarr") as store:
         frames = store.frames[:]  # [N, H, W, C]
         assert frames.shape == (30, 32, 32, 3) and frames.dtype == np.uint8
-        assert store.fps == 15 and store.size == 32 and store.channels == 3 and store.actions is None
+        assert store.fps == 15 and store.size == 32 and store.channels == 3 and store.true_actions is None
         expected = PALETTE[(2 * np.arange(30)) % len(PALETTE)]  # output i shows source frame 2i
         assert np.abs(frames.reshape(30, -1, 3).mean(1) - expected).mean() < 6
         attrs = store.attrs
@@ -208,12 +208,12 @@ def _sidecar(path, frames: int, fps: float = 60.0):
 @pytest.mark.parametrize("out_name", ["out.zarr", "out.h5"])
 def test_sidecar_actions_are_resampled_with_frames(make_video, tmp_path, out_name):
     source = make_video("game.mp4", n=120, fps=60)  # 2 s at 60 fps
-    actions = _sidecar(tmp_path / "game.actions.json", 120)  # auto-detected beside the video
+    actions = _sidecar(tmp_path / "game.true_actions.json", 120)  # auto-detected beside the video
     report = ingest(source, tmp_path / out_name, size=8, fps=15, progress=False)
     assert report.actions and report.frames == 30
     with open_frame_store(report.out) as store:
-        assert store.actions.dtype == np.int16
-        np.testing.assert_array_equal(store.actions, actions[4 * np.arange(30)])  # output i <- source 4i
+        assert store.true_actions.dtype == np.int16
+        np.testing.assert_array_equal(store.true_actions, actions[4 * np.arange(30)])  # output i <- source 4i
         assert store.attrs["game"] == "pong"
         assert store.attrs["action_meanings"] == ["NOOP", "FIRE", "RIGHT", "LEFT"]
 
@@ -224,7 +224,7 @@ def test_explicit_sidecar_and_start(make_video, tmp_path):
     report = ingest(source, tmp_path / "out.zarr", size=8, fps=20, start=1.0,
                     actions=tmp_path / "elsewhere.json", progress=False)
     with open_frame_store(report.out) as store:
-        np.testing.assert_array_equal(store.actions, actions[60 + 3 * np.arange(20)])
+        np.testing.assert_array_equal(store.true_actions, actions[60 + 3 * np.arange(20)])
 
 
 def test_replaces_previous_store(make_video, tmp_path):

@@ -11,10 +11,10 @@ import pytest
 from typer.testing import CliRunner
 
 from tests.conftest import solid_frames, truncate, write_video
-from tinyworlds.cli import app
+from tinyworlds.apps.cli import app
+from tinyworlds.core.errors import TinyWorldsError
 from tinyworlds.data.ingest import ingest
 from tinyworlds.data.stores import open_frame_store
-from tinyworlds.errors import TinyWorldsError
 
 
 def _noisy_frames(n: int) -> list[np.ndarray]:
@@ -100,7 +100,7 @@ def _prepare(name: str, tmp_path: Path) -> tuple[Path, dict, str]:
     src_dir.mkdir()
     source = make(src_dir)
     if kwargs.get("actions") == "SIDECAR":
-        sidecar = src_dir / "broken.actions.json"
+        sidecar = src_dir / "broken.true_actions.json"
         sidecar.write_text('{"game": "pong", "fps": 30, "frames": 5, "action_meanings": ["NOOP"], "actions": [0, 0]}')
         kwargs = {**kwargs, "actions": sidecar}
     return source, kwargs, words
@@ -131,7 +131,7 @@ def test_cli_error(name, tmp_path, previous_store):
     assert result.exit_code == 1, result.output
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0]
-    assert source.name in lines[0] or previous_store.name in lines[0] or "broken.actions.json" in lines[0]
+    assert source.name in lines[0] or previous_store.name in lines[0] or "broken.true_actions.json" in lines[0]
     assert _snapshot(previous_store.parent) == before
 
 

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from tests.conftest import fit
-from tinyworlds.errors import TinyWorldsError
+from tinyworlds.core.errors import TinyWorldsError
 from tinyworlds.models import LatentActionConfig, LatentActionModel
 from tinyworlds.models.lam import standardize_per_group
 

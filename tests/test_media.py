@@ -6,8 +6,14 @@ import pytest
 import torch
 from PIL import Image
 
-from tinyworlds.errors import TinyWorldsError
-from tinyworlds.evaluation.media import annotate, as_rgb_frames, tile, write_gif, write_mp4
+from tinyworlds.core.errors import TinyWorldsError
+from tinyworlds.evaluation.media import (
+    annotate,
+    as_rgb_frames,
+    tile,
+    write_gif,
+    write_mp4,
+)
 
 
 def clip(t=5, h=8, w=8, c=3, seed=0) -> np.ndarray:

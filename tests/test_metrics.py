@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from tinyworlds.evaluation import metrics as M
+from tinyworlds import metrics as M
 
 
 def images(seed=0, shape=(2, 3, 24, 24)) -> torch.Tensor:

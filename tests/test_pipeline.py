@@ -22,8 +22,8 @@ import torch
 import yaml
 import zarr
 
+from tinyworlds.core.params import Layout
 from tinyworlds.models.checkpoint import load_model
-from tinyworlds.params import Layout
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -36,7 +36,7 @@ def shrink(params: dict) -> dict:
     tiny_model = {"patch_size": 4, "embed_dim": 32, "num_heads": 2}
     tiny_train = {"clip_len": 3, "steps": 12, "batch_size": 4, "lr": 0.003, "warmup_steps": 2,
                   "log_every": 2, "val_every": 6, "checkpoint_every": 6}
-    for name in ("tokenizer", "actions"):
+    for name in ("tokenizer", "lam"):
         params[name]["model"].update(tiny_model, encoder_blocks=1, decoder_blocks=1)
         params[name]["train"].update(tiny_train)
     params["tokenizer"]["model"]["levels"] = [4, 4]
@@ -93,10 +93,10 @@ def test_every_stage_output_exists_and_loads(project):
     for name in ("pong", "breakout"):
         assert zarr.open_group(str(layout.frames(name)), mode="r")["frames"].shape[1:] == (16, 16, 3)
         assert layout.tokens(name).exists() and layout.latent_actions(name).exists()
-    for kind in ("tokenizer", "actions", "dynamics"):
+    for kind in ("tokenizer", "lam", "dynamics"):
         model = load_model(layout.model(kind))
         assert sum(p.numel() for p in model.parameters()) > 0
-    for stage in ("train_tokenizer", "train_actions", "train_dynamics"):
+    for stage in ("train_tokenizer", "train_lam", "train_dynamics"):
         metrics = json.loads(layout.metrics(stage).read_text())
         assert metrics["steps"] == 12 and np.isfinite(metrics["loss"])
         assert layout.history(stage).read_text().startswith("step,")
@@ -117,8 +117,8 @@ def test_token_cache_matches_the_tokenizer_on_the_frames(project):
 
 def test_latent_action_cache_labels_every_transition(project):
     layout = Layout(project)
-    actions = zarr.open_group(str(layout.latent_actions("pong")), mode="r")["actions"][:]
-    num_actions = load_model(layout.model("actions")).num_actions
+    actions = zarr.open_group(str(layout.latent_actions("pong")), mode="r")["latent_actions"][:]
+    num_actions = load_model(layout.model("lam")).num_actions
     assert (actions[:-1] >= 0).all() and (actions[:-1] < num_actions).all() and actions[-1] == -1
 
 
@@ -129,8 +129,8 @@ def test_mlflow_has_one_run_per_stage_grouped_by_pipeline_run(project):
     experiment = client.get_experiment_by_name("tinyworlds")
     runs = client.search_runs([experiment.experiment_id], "tags.`tinyworlds.stage` != ''")
     by_stage = {r.data.tags["tinyworlds.stage"]: r for r in runs}
-    assert {"train_tokenizer", "train_actions", "train_dynamics"} <= set(by_stage)
-    pipeline_ids = {by_stage[s].data.tags["tinyworlds.pipeline_run"] for s in ("train_tokenizer", "train_actions", "train_dynamics")}
+    assert {"train_tokenizer", "train_lam", "train_dynamics"} <= set(by_stage)
+    pipeline_ids = {by_stage[s].data.tags["tinyworlds.pipeline_run"] for s in ("train_tokenizer", "train_lam", "train_dynamics")}
     assert len(pipeline_ids) == 1
     tokenizer_run = by_stage["train_tokenizer"]
     assert tokenizer_run.data.params["model.patch_size"] == "4"
@@ -183,6 +183,27 @@ def test_a_tokenizer_edit_reruns_tokenizer_cache_dynamics_and_evaluate_but_not_d
     assert stale_stages(project) == set()
 
 
+def test_a_dataset_nothing_trains_on_reruns_only_its_ingest(project):
+    """Adding a video to `datasets` without naming it in `data.train_on`: its ingest runs, the
+    cheap training_set stage rechecks the stores, and no model is retrained."""
+    params_path = project / "params.yaml"
+    original = params_path.read_text()
+    extra_video = project / "data" / "raw" / "extra.mp4"
+    shutil.copy(project / "data" / "raw" / "pong.mp4", extra_video)
+    try:
+        params = yaml.safe_load(original)
+        params["datasets"]["extra"] = {"source": "data/raw/extra.mp4"}
+        params_path.write_text(yaml.safe_dump(params, sort_keys=False))
+        assert ran_stages(dvc(project, "repro").stdout) == {"ingest@extra", "training_set"}
+        assert json.loads(Layout(project).training_set().read_text())["datasets"].keys() == {"pong", "breakout"}
+    finally:
+        params_path.write_text(original)
+        extra_video.unlink()
+        shutil.rmtree(Layout(project).frames("extra"), ignore_errors=True)
+    assert ran_stages(dvc(project, "repro").stdout) <= {"training_set"}
+    assert stale_stages(project) == set()
+
+
 def test_a_killed_training_stage_resumes_from_its_checkpoint(project):
     params_path = project / "params.yaml"
     original = params_path.read_text()
@@ -216,16 +237,16 @@ def test_a_diverging_run_stops_with_the_step_and_keeps_the_last_good_checkpoint(
 
     params_path = project / "params.yaml"
     original = params_path.read_text()
-    state_dir = Layout(project).train_state("train_actions")
+    state_dir = Layout(project).train_state("train_lam")
     before = (state_dir / "state.json").read_text()
     try:
         params = yaml.safe_load(original)
-        params["actions"]["train"].update(lr=1e30, warmup_steps=0, steps=40, checkpoint_every=2)
+        params["lam"]["train"].update(lr=1e30, warmup_steps=0, steps=40, checkpoint_every=2)
         params_path.write_text(yaml.safe_dump(params, sort_keys=False))
-        result = run([sys.executable, "pipeline/train_actions.py"], project, check=False, env=env_for(project))
+        result = run([sys.executable, "pipeline/train_lam.py"], project, check=False, env=env_for(project))
         assert result.returncode == 1
         message = result.stderr.strip().splitlines()[-1]
-        assert message.startswith("error: train_actions: loss became non-finite at step 2 ")
+        assert message.startswith("error: train_lam: loss became non-finite at step 2 ")
         assert (state_dir / "state.json").read_text() == before
         assert all(torch.isfinite(w).all() for w in load_file(state_dir / "model.safetensors").values())
     finally:

@@ -28,11 +28,11 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from tests.conftest import NUM_ACTIONS, SIZE, make_project
-from tinyworlds.cli import app as cli_app
-from tinyworlds.errors import TinyWorldsError
-from tinyworlds.play import KeyMap, build_app, make_server
-from tinyworlds.play.server import start_message
-from tinyworlds.world import GenerationSettings
+from tinyworlds.apps.cli import app as cli_app
+from tinyworlds.apps.play import KeyMap, build_app, make_server
+from tinyworlds.apps.play.server import start_message
+from tinyworlds.core.errors import TinyWorldsError
+from tinyworlds.inference.world import GenerationSettings
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -115,9 +115,9 @@ def test_session_steps_match_one_rollout(tmp_path):
     """Frame-by-frame play keeps the tokens, so it makes what one greedy rollout makes, past the window too."""
     from einops import rearrange
 
-    from tinyworlds.dream import start_from_dataset
-    from tinyworlds.play import PlaySession
-    from tinyworlds.world import WorldModel
+    from tinyworlds.apps.start import start_from_dataset
+    from tinyworlds.apps.play import PlaySession
+    from tinyworlds.inference.world import WorldModel
 
     root = make_project(tmp_path)
     world = WorldModel.load(root / "data" / "models", "cpu")
@@ -229,7 +229,7 @@ def test_cli_serves_and_stops_on_ctrl_c(tmp_path):
     root = make_project(tmp_path)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen(
-        [sys.executable, "-m", "tinyworlds.cli", "play", "--port", "0", "--device", "cpu"],
+        [sys.executable, "-m", "tinyworlds.apps.cli", "play", "--port", "0", "--device", "cpu"],
         cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         preexec_fn=as_from_a_terminal,
     )

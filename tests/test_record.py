@@ -4,9 +4,9 @@ import av
 import pytest
 from typer.testing import CliRunner
 
-from tinyworlds.cli import app
+from tinyworlds.apps.cli import app
+from tinyworlds.core.errors import TinyWorldsError
 from tinyworlds.data.record import record_gameplay, sidecar_path, sticky_random_actions
-from tinyworlds.errors import TinyWorldsError
 
 runner = CliRunner()
 

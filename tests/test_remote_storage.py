@@ -14,11 +14,11 @@ import torch
 import zarr
 from fsspec.implementations.memory import MemoryFileSystem
 
+from tinyworlds.core.errors import TinyWorldsError
+from tinyworlds.core.params import Layout
+from tinyworlds.data import roots
 from tinyworlds.data.clips import ClipDataset, SplitConfig, VideoArrays, open_array
 from tinyworlds.data.stores import open_frame_store
-from tinyworlds.errors import TinyWorldsError
-from tinyworlds.params import Layout
-from tinyworlds.training import common
 
 SPLIT = SplitConfig(val_fraction=0.2, block_frames=40, gap_frames=4)
 
@@ -118,17 +118,17 @@ def test_a_missing_url_is_one_line(bucket):
 
 def test_data_root_maps_the_training_stores_to_a_url(bucket, capsys):
     layout = bucket["layout"]
-    local = common.data_root({"data": {"root": "data"}}, layout)
+    local = roots.data_root({"data": {"root": "data"}}, layout)
     assert local.frames("pong") == layout.frames("pong") and local.tokens("x") == layout.tokens("x")
-    assert common.data_root({}, layout) == local  # data.root is optional
+    assert roots.data_root({}, layout) == local  # data.root is optional
 
     params = {"data": {"root": bucket["url"] + "/", "storage_options": {"skip_instance_cache": True}}}
-    remote = common.data_root(params, layout)
+    remote = roots.data_root(params, layout)
     assert remote.frames("pong") == f"{bucket['url']}/frames/pong.zarr"
     assert remote.latent_actions("pong") == f"{bucket['url']}/latent_actions/pong.zarr"
-    assert common.frame_store_shape(remote, ["pong"]) == (8, 3)
-    train, val = common.clip_datasets({"data": {"frame_skip": 1, "split": vars(SPLIT)}},
-                                      common.frame_videos(remote, ["pong"]), 4)
+    assert roots.frame_store_shape(remote, ["pong"]) == (8, 3)
+    train, val = roots.clip_datasets({"data": {"frame_skip": 1, "split": vars(SPLIT)}},
+                                      roots.frame_videos(remote, ["pong"]), 4)
     assert len(train) > 0 and len(val) > 0 and train[0]["frames"].shape == (4, 3, 8, 8)
 
     # The identity (part of the resume fingerprint) is the copy's; a differing local copy is flagged.
@@ -141,4 +141,4 @@ def test_data_root_maps_the_training_stores_to_a_url(bucket, capsys):
 @pytest.mark.parametrize("bad, words", [({"root": 3}, "data.root=3"), ({"storage_options": "x"}, "data.storage_options")])
 def test_bad_data_root_settings_are_named(tmp_path, bad, words):
     with pytest.raises(TinyWorldsError, match=words):
-        common.data_root({"data": bad}, Layout(tmp_path))
+        roots.data_root({"data": bad}, Layout(tmp_path))

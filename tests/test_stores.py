@@ -11,9 +11,9 @@ import pytest
 import zarr
 
 from tests.conftest import solid_frames, write_video
+from tinyworlds.core.errors import TinyWorldsError
 from tinyworlds.data.ingest import ingest
 from tinyworlds.data.stores import FrameStore, open_frame_store
-from tinyworlds.errors import TinyWorldsError
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +32,7 @@ def test_open_both_formats(stores, fmt):
         window = store.frames[4:8]  # [4, 16, 16, 3]
         assert isinstance(window, np.ndarray) and window.shape == (4, 16, 16, 3) and window.dtype == np.uint8
         assert store.frames.shape == (30, 16, 16, 3) and len(store.frames) == 30
-        assert store.actions is None and store.attrs["frames"] == 30
+        assert store.true_actions is None and store.attrs["frames"] == 30
         files = [stores[fmt]] if fmt == "h5" else [p for p in stores[fmt].rglob("*") if p.is_file()]
         assert store.disk_bytes() == sum(p.stat().st_size for p in files) > 0
 
@@ -48,7 +48,7 @@ def test_plain_tinyworlds_hdf5(tmp_path):
     with h5py.File(tmp_path / "pong_frames.h5", "w") as f:
         f.create_dataset("frames", data=np.zeros((5, 8, 8, 3), np.uint8), compression="lzf")
     with open_frame_store(tmp_path / "pong_frames.h5") as store:
-        assert (len(store), store.size, store.fps, store.attrs, store.actions) == (5, 8, None, {}, None)
+        assert (len(store), store.size, store.fps, store.attrs, store.true_actions) == (5, 8, None, {}, None)
 
 
 def _zarr_group_without_frames(path):
@@ -76,7 +76,7 @@ def _h5(path, **datasets):
     (lambda d: _h5(d / "a.h5", images=np.zeros((2, 4, 4, 3), np.uint8)), "no `frames`"),
     (lambda d: _h5(d / "b.h5", frames=np.zeros((2, 4, 4, 3), np.float32)), "expected uint8"),
     (lambda d: _h5(d / "c.h5", frames=np.zeros((2, 4, 6, 3), np.uint8)), "H = W"),
-    (lambda d: _h5(d / "e.h5", frames=np.zeros((2, 4, 4, 3), np.uint8), actions=np.zeros(3, np.int16)),
+    (lambda d: _h5(d / "e.h5", frames=np.zeros((2, 4, 4, 3), np.uint8), true_actions=np.zeros(3, np.int16)),
      "one per frame"),
 ])
 def test_bad_stores(tmp_path, make, words):

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from tests.conftest import fit
-from tinyworlds.errors import TinyWorldsError
+from tinyworlds.core.errors import TinyWorldsError
 from tinyworlds.models import TokenizerConfig, VideoTokenizer, to_model, to_uint8
 
 TINY = dict(frame_size=16, patch_size=4, embed_dim=32, num_heads=2, encoder_blocks=1, decoder_blocks=1,

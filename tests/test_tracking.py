@@ -21,17 +21,12 @@ import pytest
 from mlflow import MlflowClient
 from typer.testing import CliRunner
 
-from tinyworlds.cli import app
-from tinyworlds.errors import TinyWorldsError
-from tinyworlds.tracking import (
-    StageRun,
-    _is_dvc_pipeline,
-    check_tracking,
-    flatten_config,
-    pipeline_run_id,
-    project_root,
-    resolve_tracking_uri,
-)
+from tinyworlds.apps.cli import app
+from tinyworlds.core.errors import TinyWorldsError
+from tinyworlds.tracking.flatten import flatten_config
+from tinyworlds.tracking.lineage import _is_dvc_pipeline, pipeline_run_id
+from tinyworlds.tracking.run import StageRun
+from tinyworlds.tracking.store import check_tracking, project_root, resolve_tracking_uri
 
 REPO = Path(__file__).resolve().parents[1]
 ENV_VARS = (
@@ -296,7 +291,7 @@ def test_stages_under_one_dvc_process_share_its_pipeline_run(tmp_path, monkeypat
     fake_dvc.write_text(
         "import os, subprocess, sys, psutil\n"
         "print(f'{os.getpid()}-{int(psutil.Process().create_time())}')\n"
-        "stage = [sys.executable, '-c', 'from tinyworlds.tracking import pipeline_run_id; print(pipeline_run_id())']\n"
+        "stage = [sys.executable, '-c', 'from tinyworlds.tracking.lineage import pipeline_run_id; print(pipeline_run_id())']\n"
         "for _ in range(2):\n"
         "    subprocess.run(['/bin/sh', '-c', ' '.join(repr(a) for a in stage)], check=True)\n"
     )
@@ -420,7 +415,7 @@ def test_runs_on_an_empty_store_is_a_one_line_error(project):
 
 STAGE_SCRIPT = """\
 import sys, yaml
-from tinyworlds.tracking import StageRun
+from tinyworlds.tracking.run import StageRun
 params = yaml.safe_load(open("params.yaml"))
 with StageRun(sys.argv[1], params, datasets=["pong"]) as run:
     run.log_metrics({"loss": 1.0}, step=0)

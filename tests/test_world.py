@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from tests.conftest import NUM_ACTIONS, SIZE, WINDOW, save_tiny_models, store_frames
-from tinyworlds.errors import TinyWorldsError
+from tinyworlds.core.errors import TinyWorldsError
+from tinyworlds.inference.world import GenerationSettings, WorldModel
 from tinyworlds.models import LatentActionConfig, LatentActionModel, save_model
-from tinyworlds.world import GenerationSettings, WorldModel
 
 
 @pytest.fixture
@@ -64,6 +64,6 @@ def test_models_from_different_runs_are_refused(tmp_path):
     save_tiny_models(tmp_path / "models")
     other = LatentActionModel(LatentActionConfig(frame_size=SIZE, patch_size=4, embed_dim=32, num_heads=2,
                                                  encoder_blocks=1, decoder_blocks=1, levels=(2, 2, 2), max_frames=WINDOW))
-    save_model(other, tmp_path / "models" / "actions")  # 8 actions; dynamics expects 4
+    save_model(other, tmp_path / "models" / "lam")  # 8 actions; dynamics expects 4
     with pytest.raises(TinyWorldsError, match="expects 4 actions"):
         WorldModel.load(tmp_path / "models", device="cpu")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tinyworlds.params import Layout, load_params, section
+from tinyworlds.core.params import Layout, load_params, section
 
 
 def dataset_rows(params_path: Path) -> list[dict]:
@@ -24,7 +24,7 @@ def dataset_rows(params_path: Path) -> list[dict]:
                     size=f"{store.size}x{store.size}x{store.channels}",
                     fps=store.fps,
                     disk_mb=store.disk_bytes() / 1e6,
-                    actions=store.actions is not None,
+                    actions=store.true_actions is not None,
                 )
         rows.append(row)
     return rows

@@ -22,8 +22,8 @@ import torch
 from einops import rearrange
 from torch.utils.data import Dataset
 
+from tinyworlds.core.errors import TinyWorldsError
 from tinyworlds.data.stores import Location, location_exists, open_hdf5, open_zarr_group
-from tinyworlds.errors import TinyWorldsError
 
 TRAIN, VAL, GAP = 0, 1, 2
 
@@ -97,7 +97,7 @@ class VideoArrays:
     """The per-frame arrays of one video, aligned on time: field -> (store location, array name).
 
     e.g. {"frames": (Path("data/frames/pong.zarr"), "frames")} for the tokenizer, or
-    {"tokens": (tokens.zarr, "tokens"), "actions": (actions.zarr, "actions")} for dynamics.
+    {"tokens": (tokens.zarr, "tokens"), "latent_actions": (latent_actions.zarr, "latent_actions")} for dynamics.
     A location may be an fsspec URL ("s3://bucket/frames/pong.zarr"), opened with
     `storage_options`.
     """
@@ -111,7 +111,7 @@ class ClipDataset(Dataset):
     """Clips of `clip_len` frames taken every `frame_skip` frames, from one split.
 
     Items are dicts of tensors: "frames" -> uint8 [T, C, H, W] (converted to float on the
-    device: 4x less to copy), "tokens" -> int64 [T, P], "actions" -> int64 [T-1] (the action
+    device: 4x less to copy), "tokens" -> int64 [T, P], "latent_actions" -> int64 [T-1] (the action
     stored at frame t is the transition t -> t + frame_skip), and "video" -> int64 [] (the
     clip's index in `videos`, for losses that treat videos apart). Arrays are opened lazily in
     each process, so the dataset works with DataLoader workers; `preload` reads whole arrays into
@@ -177,7 +177,7 @@ class ClipDataset(Dataset):
             window = np.asarray(self._array(video_id, field)[start : start + self.span : self.frame_skip])
             if field == "frames":
                 item[field] = torch.from_numpy(np.ascontiguousarray(rearrange(window, "t h w c -> t c h w")))
-            elif field == "actions":
+            elif field == "latent_actions":
                 item[field] = torch.from_numpy(window[:-1].astype(np.int64))  # [T-1]
             else:
                 item[field] = torch.from_numpy(window.astype(np.int64))

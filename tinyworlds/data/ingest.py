@@ -3,8 +3,8 @@
 The store, a zarr v3 group directory (`NAME.zarr`) or an HDF5 file (`NAME.h5`), holds
   frames   uint8 [N, H, W, C], H = W = size, C = 3 (RGB) or 1 (grayscale luma),
            chunked along time and compressed (choice and figures below);
-  actions  int16 [N], only with an actions sidecar: the ground-truth action of the source
-           frame each output frame shows (resampled with the frames);
+  true_actions  int16 [N], only with a sidecar (NAME.true_actions.json): the ground-truth action
+           of the source frame each output frame shows (resampled with the frames);
 and these attributes: tinyworlds_version; source, source_sha256, source_kind ("video" or
 "hdf5"), source_codec, source_width, source_height, source_fps, source_frames (declared),
 source_duration; fps, size, channels, fit, crop (as given, [x, y, w, h] or null),
@@ -22,12 +22,12 @@ j / source_fps, where source_fps is its `fps` attribute when it has one (then it
 resampled to `fps` like a video) and otherwise `fps` itself (then no frame is dropped
 or repeated).
 
-Actions sidecar (written by `tinyworlds record`): JSON {"game": str, "fps": float,
+True-actions sidecar (NAME.true_actions.json, written by `tinyworlds record`): JSON {"game": str, "fps": float,
 "frames": N, "action_meanings": [str, ...], "actions": [int per source frame]}, where
 actions[j] was applied at source frame j, i.e. at time j / sidecar fps.
 
 Everything is written under a temporary name and renamed into place only when complete
-(`tinyworlds.atomic`): on any failure no store is left at `out` and a previous one is kept.
+(`tinyworlds.core.atomic`): on any failure no store is left at `out` and a previous one is kept.
 """
 
 from __future__ import annotations
@@ -46,11 +46,18 @@ import h5py
 import numpy as np
 import zarr
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+)
 from zarr.codecs import ZstdCodec
 
 import tinyworlds
-from tinyworlds.atomic import atomic_output
+from tinyworlds.core.atomic import atomic_output
+from tinyworlds.core.errors import TinyWorldsError
 from tinyworlds.data.stores import FrameStore, file_sha256, open_frame_store, store_kind
 from tinyworlds.data.video import (
     FITS,
@@ -63,24 +70,14 @@ from tinyworlds.data.video import (
     resample,
     timestamp_tolerance,
 )
-from tinyworlds.errors import TinyWorldsError
 
 FORMATS = {".zarr": "zarr", ".h5": "hdf5", ".hdf5": "hdf5"}
 MAX_SIZE = 4096
 MAX_FPS = 1000.0
 
-# Compression, measured by bench/bench_ingest.py on 2,000 ingested Breakout frames (64x64 RGB,
-# 24.6 MB raw) on the 2-core dev machine; reads are random 16-frame windows, as training takes
-# them. Ratios are exact; speeds varied by up to 2x between runs on the shared machine.
-#   zarr ZstdCodec(3)           128-frame chunks: ratio 262x, 1.2-3.8 GB/s sequential, 20-28k frames/s random
-#   zarr ZstdCodec(3)           256-frame chunks: ratio 288x, random reads decode twice the data
-#   zarr Blosc(zstd 3, shuffle) 128-frame chunks: ratio 114x, 2.3-2.8 GB/s sequential, 14-22k frames/s random
-#   zarr Blosc(lz4 5, shuffle)  128-frame chunks: ratio  48x, 3.7-4.1 GB/s sequential, 19-35k frames/s random
-#   HDF5 gzip 4                  64-frame chunks: ratio  72x, 0.7-1.1 GB/s sequential, 18-25k frames/s random
-#   HDF5 gzip 1                  64-frame chunks: ratio  48x, 1.1-1.7 GB/s sequential, 27-41k frames/s random
-#   HDF5 lzf                     64-frame chunks: ratio  11x, 0.6-0.8 GB/s sequential, 13-19k frames/s random
-# Zstd over a whole chunk sees the redundancy between frames that Blosc's small blocks miss.
-# Every option reads far faster than a CPU trains on 64x64 frames, so the ratio decides.
+# Zstd over whole 128-frame chunks: it sees the redundancy between frames that Blosc's small
+# blocks miss, and every option reads far faster than a CPU trains on 64x64 frames, so the
+# compression ratio decides (bench/bench_ingest.py compares them; figures in bench/README.md).
 ZARR_CHUNK_FRAMES = 128
 ZARR_COMPRESSOR = ZstdCodec(level=3)
 HDF5_CHUNK_FRAMES = 64
@@ -256,8 +253,8 @@ def _check_fits_source(source: Path, info: VideoInfo, crop, start: float) -> Non
 
 
 def _find_sidecar(source: Path, actions: Path | None, info: VideoInfo) -> ActionSidecar | None:
-    """The given sidecar, else SOURCE's .actions.json if it exists; checked against the video."""
-    path = Path(actions) if actions is not None else source.with_suffix(".actions.json")
+    """The given sidecar, else SOURCE's .true_actions.json if it exists; checked against the video."""
+    path = Path(actions) if actions is not None else source.with_suffix(".true_actions.json")
     if actions is None and not path.exists():
         return None
     sidecar = load_sidecar(path)
@@ -292,8 +289,8 @@ class ZarrFrameWriter:
         self.frames = self.group.create_array(
             "frames", shape=(0, size, size, channels), chunks=(self.chunk_frames, size, size, channels),
             dtype="uint8", compressors=ZARR_COMPRESSOR, fill_value=0, dimension_names=("T", "H", "W", "C"),
-            # zarr's check for all-fill chunks costs ~5 ms per 128-frame chunk (6.1 -> 1.2 ms per
-            # write measured), and a chunk of video frames is practically never all black.
+            # zarr's check for all-fill chunks costs most of a chunk write, and a chunk of
+            # video frames is practically never all black.
             config={"write_empty_chunks": True},
             # Flat chunk files (c.0.0.0.0) instead of a directory per chunk (c/0/0/0/0): creating
             # and deleting those directories took longer than decoding the video.
@@ -305,7 +302,7 @@ class ZarrFrameWriter:
 
     def finish(self, actions: np.ndarray | None, attrs: dict) -> None:
         if actions is not None:
-            self.group.create_array("actions", data=actions, chunks=(max(1, len(actions)),),
+            self.group.create_array("true_actions", data=actions, chunks=(max(1, len(actions)),),
                                     compressors=ZARR_COMPRESSOR, dimension_names=("T",))
         self.group.attrs.update(attrs)
 
@@ -332,7 +329,7 @@ class Hdf5FrameWriter:
 
     def finish(self, actions: np.ndarray | None, attrs: dict) -> None:
         if actions is not None:
-            self.file.create_dataset("actions", data=actions, dtype="int16")
+            self.file.create_dataset("true_actions", data=actions, dtype="int16")
         for key, value in attrs.items():
             if value is None:
                 continue
@@ -414,7 +411,7 @@ def ingest(
     "zarr" or "hdf5" (default: from the suffix of `out`). A video that decodes short of
     what its container declares is an error unless `allow_partial`, which keeps the
     decodable frames and records partial/partial_reason. `actions` is the sidecar (default:
-    SOURCE with its suffix replaced by ".actions.json", when that exists).
+    SOURCE with its suffix replaced by ".true_actions.json", when that exists).
     """
     began = time.perf_counter()
     source, out = Path(source), Path(out)

@@ -4,7 +4,7 @@ The ale-py wheel ships the ROMs, so nothing is downloaded. A sticky random polic
 game's minimal action set: every `action_repeat` frames it keeps its previous action with
 probability `stickiness`, else draws a new one uniformly. Frames are written at the native
 resolution (210x160) and rate (60 fps) as H.264 with PyAV, and the action applied at every
-frame goes to a JSON sidecar next to the video (`GAME.mp4` -> `GAME.actions.json`). The
+frame goes to a JSON sidecar next to the video (`GAME.mp4` -> `GAME.true_actions.json`). The
 sidecar is never trained on: it measures whether latent actions recover the real controls.
 
 Determinism: the emulator and the policy are seeded, and x264 runs single-threaded with no
@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from tinyworlds.atomic import atomic_output
-from tinyworlds.errors import TinyWorldsError
+from tinyworlds.core.atomic import atomic_output
+from tinyworlds.core.errors import ParameterError, TinyWorldsError
 
 NATIVE_FPS = 60
 
@@ -34,9 +34,9 @@ class Recording:
 
 
 def sidecar_path(video: str | Path) -> Path:
-    """Where the ground-truth actions of a video live: `x.mp4` -> `x.actions.json`."""
+    """Where the ground-truth actions of a video live: `x.mp4` -> `x.true_actions.json`."""
     video = Path(video)
-    return video.with_name(video.stem + ".actions.json")
+    return video.with_name(video.stem + ".true_actions.json")
 
 
 def available_games() -> list[str]:
@@ -91,11 +91,11 @@ def record_gameplay(
 
     out = Path(out)
     if frames <= 0:
-        raise TinyWorldsError(f"--frames {frames}: must be a positive number of frames")
+        raise ParameterError("frames", "must be a positive number of frames", frames)
     if action_repeat <= 0:
-        raise TinyWorldsError(f"--action-repeat {action_repeat}: must be >= 1")
+        raise ParameterError("action_repeat", "must be >= 1", action_repeat)
     if not 0.0 <= stickiness < 1.0:
-        raise TinyWorldsError(f"--stickiness {stickiness}: must be in [0, 1)")
+        raise ParameterError("stickiness", "must be in [0, 1)", stickiness)
     if out.suffix.lower() != ".mp4":
         raise TinyWorldsError(f"{out}: record writes H.264 mp4, so the output must end in .mp4")
 

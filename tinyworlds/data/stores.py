@@ -1,7 +1,7 @@
 """Open frame stores for reading: a zarr v3 group or an HDF5 file written by `ingest`.
 
 Both hold `frames` (uint8 [N, H, W, C], H = W) and, when ground-truth actions were
-ingested, `actions` (int16 [N]); their attributes are described in `tinyworlds.data.ingest`.
+ingested, `true_actions` (int16 [N]); their attributes are described in `tinyworlds.data.ingest`.
 A plain TinyWorlds HDF5 file (only a `frames` dataset, no attributes) opens too, with
 `fps` None.
 
@@ -18,7 +18,6 @@ FsspecStore; HDF5 is read through an fsspec file object.
 from __future__ import annotations
 
 import hashlib
-
 import os
 from pathlib import Path
 from typing import Any, Union
@@ -27,7 +26,7 @@ import h5py
 import numpy as np
 import zarr
 
-from tinyworlds.errors import TinyWorldsError
+from tinyworlds.core.errors import TinyWorldsError
 
 # A local path, or an fsspec URL (a str with "://"). URLs stay strings: Path("s3://b/x")
 # would collapse the "//".
@@ -150,13 +149,13 @@ class LazyFrames:
 class FrameStore:
     """A frame store opened for reading; see `open_frame_store`."""
 
-    def __init__(self, path: Path | str, kind: str, shape: tuple[int, ...], actions: np.ndarray | None, attrs: dict,
+    def __init__(self, path: Path | str, kind: str, shape: tuple[int, ...], true_actions: np.ndarray | None, attrs: dict,
                  storage_options: dict | None = None):
         self.path = path  # a Path, or a URL string
         self.kind = kind
         self.storage_options = storage_options
         self.frames = LazyFrames(path, kind, shape, storage_options)  # [N, H, W, C] uint8, read on slicing
-        self.actions = actions  # [N] int16, or None without ground-truth actions
+        self.true_actions = true_actions  # [N] int16, or None without ground-truth actions
         self.attrs = attrs
 
     def __len__(self) -> int:
@@ -205,10 +204,10 @@ def _check_frames(path: Path, shape: tuple[int, ...], dtype: np.dtype) -> None:
         )
 
 
-def _check_actions(path: Path, actions: np.ndarray | None, n: int) -> np.ndarray | None:
-    if actions is not None and actions.shape != (n,):
-        raise TinyWorldsError(f"{path}: `actions` has shape {list(actions.shape)}, expected [{n}] (one per frame)")
-    return actions
+def _check_true_actions(path: Path, true_actions: np.ndarray | None, n: int) -> np.ndarray | None:
+    if true_actions is not None and true_actions.shape != (n,):
+        raise TinyWorldsError(f"{path}: `true_actions` has shape {list(true_actions.shape)}, expected [{n}] (one per frame)")
+    return true_actions
 
 
 def open_frame_store(path: Location, storage_options: dict | None = None) -> FrameStore:
@@ -227,14 +226,14 @@ def open_frame_store(path: Location, storage_options: dict | None = None) -> Fra
                 raise TinyWorldsError(f"{path}: zarr group has no `frames` array")
             frames = group["frames"]
             shape, dtype = tuple(frames.shape), np.dtype(frames.dtype)
-            actions = group["actions"][:] if "actions" in group else None
+            true_actions = group["true_actions"][:] if "true_actions" in group else None
             attrs = dict(group.attrs)
         else:
             with open_hdf5(path, storage_options) as f:
                 if not isinstance(f.get("frames"), h5py.Dataset):
                     raise TinyWorldsError(f"{path}: HDF5 file has no `frames` dataset")
                 shape, dtype = tuple(f["frames"].shape), f["frames"].dtype
-                actions = f["actions"][:] if "actions" in f else None
+                true_actions = f["true_actions"][:] if "true_actions" in f else None
                 attrs = {k: _plain(v) for k, v in f.attrs.items()}
     except TinyWorldsError:
         raise
@@ -242,7 +241,7 @@ def open_frame_store(path: Location, storage_options: dict | None = None) -> Fra
         detail = " ".join(str(err).split())
         raise TinyWorldsError(f"{path}: cannot read frame store ({type(err).__name__}: {detail})") from None
     _check_frames(path, shape, dtype)
-    return FrameStore(path, kind, shape, _check_actions(path, actions, shape[0]), attrs, storage_options)
+    return FrameStore(path, kind, shape, _check_true_actions(path, true_actions, shape[0]), attrs, storage_options)
 
 
 def file_sha256(path: str | Path) -> str:

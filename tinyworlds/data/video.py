@@ -18,9 +18,9 @@ Geometry. Each picked frame goes through one FFmpeg filter graph, built once per
        "stretch" resize the box to size x size, distorting the aspect ratio (explicit only);
   3. `scale` with the area filter (each output pixel averages the source pixels it covers),
      converting to RGB (3 channels) or grayscale luma (1 channel) in the same pass.
-The graph runs single-threaded: on 160x210 frames it costs ~60 us/frame against ~100 us for a
-reused VideoReformatter resize plus a numpy crop, and FFmpeg's own filter threads only add
-overhead at this size (measured on the 2-core dev machines; see bench/bench_ingest.py).
+The graph runs single-threaded: at Atari sizes it is cheaper than a reused VideoReformatter
+resize plus a numpy crop, and FFmpeg's own filter threads only add overhead (figures in
+bench/README.md, "Ingest").
 """
 
 from __future__ import annotations
@@ -38,14 +38,12 @@ import av
 import av.logging
 import numpy as np
 
-from tinyworlds.errors import TinyWorldsError
+from tinyworlds.core.errors import TinyWorldsError
 
 FITS = ("crop", "pad", "stretch")
 
-# Decoding small frames with FFmpeg's threads is slower than with one thread: on a 160x210
-# H.264 Atari clip one thread decodes 26-33k frames/s, 2 frame threads 16-19k, FFmpeg's
-# default 19-21k. From 320x240 up threads win (a high-entropy 320x240 clip: 2.2k -> 3.2k
-# frames/s with 2 frame threads; 1280x720: 220 -> 250 frame / 400 slice threads).
+# Decoding small frames with FFmpeg's threads is slower than with one thread; from about
+# 320x240 up threads win (figures in bench/README.md, "Ingest").
 SINGLE_THREAD_MAX_PIXELS = 64_000
 
 Item = TypeVar("Item")

@@ -14,7 +14,7 @@ Metric definitions are in the README's "Metrics" section. Everything goes to
 data/metrics/evaluate.json (nested by dataset; `dvc metrics diff` flattens it to
 `pong.dynamics.rollout_psnr.h4`) and to one MLflow run with a PNG grid and rollout videos.
 
-Dimension keys: N clips, T frames per clip (context c + horizon k), C channels, H/W pixels,
+Dimension keys (the package's key): B clips, T frames per clip (context c + horizon k), C channels, H/W pixels,
 P patches per frame, A latent actions.
 """
 
@@ -33,15 +33,24 @@ import numpy as np
 import torch
 from einops import rearrange, repeat
 
-from tinyworlds.data.clips import TRAIN, VAL, SplitConfig, clip_starts, frame_labels, open_array
+from tinyworlds import metrics as M
+from tinyworlds.core.atomic import write_json
+from tinyworlds.core.errors import TinyWorldsError
+from tinyworlds.core.params import Layout, dataset_names, section
+from tinyworlds.data.clips import (
+    TRAIN,
+    VAL,
+    SplitConfig,
+    clip_starts,
+    frame_labels,
+    open_array,
+)
+from tinyworlds.data.roots import split_config
 from tinyworlds.data.stores import file_sha256, open_frame_store
-from tinyworlds.errors import TinyWorldsError
-from tinyworlds.evaluation import metrics as M
+from tinyworlds.inference.world import GenerationSettings, WorldModel
 from tinyworlds.models.fsq import id_usage, perplexity
-from tinyworlds.params import Layout, dataset_names, section
-from tinyworlds.training import common
-from tinyworlds.training.loop import write_metrics_json
-from tinyworlds.world import GenerationSettings, WorldModel
+from tinyworlds.tracking.flatten import flatten
+from tinyworlds.tracking.run import open_stage_run
 
 STAGE = "evaluate"
 
@@ -92,8 +101,8 @@ class EvaluateConfig:
 class HeldOutClips:
     """Validation clips of one dataset, with their ground-truth actions where recorded."""
 
-    frames: torch.Tensor  # uint8 [N, T, C, H, W]
-    true_actions: np.ndarray | None  # [N, T-1]: the recorded action of each transition, or None
+    frames: torch.Tensor  # uint8 [B, T, C, H, W]
+    true_actions: np.ndarray | None  # [B, T-1]: the recorded action of each transition, or None
     action_meanings: list[str]
 
 
@@ -118,10 +127,10 @@ def held_out_clips(path: Path, split: SplitConfig, *, clip_len: int, frame_skip:
             f"evaluate.horizon or raise data.split.block_frames"
         )
     starts = starts[np.unique(np.linspace(0, len(starts) - 1, min(max_clips, len(starts))).round().astype(int))]
-    clips = np.stack([store.frames[s : s + span : frame_skip] for s in starts])  # [N, T, H, W, C]
+    clips = np.stack([store.frames[s : s + span : frame_skip] for s in starts])  # [B, T, H, W, C]
     true = None
-    if store.actions is not None:
-        true = np.stack([store.actions[s : s + span : frame_skip][:-1] for s in starts]).astype(np.int64)  # [N, T-1]
+    if store.true_actions is not None:
+        true = np.stack([store.true_actions[s : s + span : frame_skip][:-1] for s in starts]).astype(np.int64)  # [B, T-1]
     frames = torch.from_numpy(np.ascontiguousarray(rearrange(clips, "n t h w c -> n t c h w")))
     return HeldOutClips(frames, true, list(store.attrs.get("action_meanings") or []))
 
@@ -132,7 +141,7 @@ def split_transitions(path_latent: Path, path_frames: Path, split: SplitConfig, 
     A transition belongs to a split when both its frames do. `true` is None without
     ground-truth actions; for frame_skip > 1 it is the action recorded at frame t.
     """
-    latent = np.asarray(open_array(path_latent, "actions")[:]).astype(np.int64)  # [N]
+    latent = np.asarray(open_array(path_latent, "latent_actions")[:]).astype(np.int64)  # [N]
     store = open_frame_store(path_frames)
     if len(latent) != len(store):
         raise TinyWorldsError(
@@ -143,7 +152,7 @@ def split_transitions(path_latent: Path, path_frames: Path, split: SplitConfig, 
     out = {}
     for which in (TRAIN, VAL):
         keep = t[(labels[t] == which) & (labels[t + frame_skip] == which) & (latent[t] >= 0)]
-        true = None if store.actions is None else torch.from_numpy(store.actions[keep].astype(np.int64))
+        true = None if store.true_actions is None else torch.from_numpy(store.true_actions[keep].astype(np.int64))
         out[which] = (torch.from_numpy(latent[keep]), true)
     return out
 
@@ -153,16 +162,16 @@ def split_transitions(path_latent: Path, path_frames: Path, split: SplitConfig, 
 
 
 def per_horizon(scores: torch.Tensor) -> dict[str, float]:
-    """PSNRs [N, k] -> {"h1": mean over clips at horizon 1, ...}."""
+    """PSNRs [B, k] -> {"h1": mean over clips at horizon 1, ...}."""
     return {f"h{h + 1}": M.finite_mean(scores[:, h]) for h in range(scores.shape[1])}
 
 
 def tokenizer_metrics(world: WorldModel, clips: torch.Tensor, batch_size: int):
-    """Reconstruction PSNR / SSIM and codebook usage on clips [N, T, C, H, W].
+    """Reconstruction PSNR / SSIM and codebook usage on clips [B, T, C, H, W].
 
-    Returns (metrics, tokens [N, T, P], reconstructions [N, T, C, H, W])."""
-    tokens = in_batches(world.encode, clips, batch_size=batch_size)  # [N, T, P]
-    recon = in_batches(world.decode, tokens, batch_size=batch_size).cpu()  # [N, T, C, H, W]
+    Returns (metrics, tokens [B, T, P], reconstructions [B, T, C, H, W])."""
+    tokens = in_batches(world.encode, clips, batch_size=batch_size)  # [B, T, P]
+    recon = in_batches(world.decode, tokens, batch_size=batch_size).cpu()  # [B, T, C, H, W]
     usage = id_usage(tokens, world.tokenizer.vocab_size)  # [V]
     return {
         "psnr": M.finite_mean(M.psnr(recon, clips, dims=(2, 3, 4))),
@@ -178,7 +187,7 @@ def action_metrics(transitions, num_actions: int) -> tuple[dict[str, Any], torch
     Returns (metrics, usage fractions [A])."""
     val_latent, val_true = transitions[VAL]
     if val_latent.numel() == 0:
-        raise TinyWorldsError("no held-out transition has a latent action; rerun stage train_actions")
+        raise TinyWorldsError("no held-out transition has a latent action; rerun stage train_lam")
     fractions = M.label_fractions(val_latent, num_actions)  # [A]
     entropy = M.entropy(fractions)
     out: dict[str, Any] = {
@@ -200,15 +209,15 @@ def action_metrics(transitions, num_actions: int) -> tuple[dict[str, Any], torch
 def dynamics_metrics(world: WorldModel, clips: torch.Tensor, tokens: torch.Tensor, recon: torch.Tensor,
                      action_usage: torch.Tensor, config: EvaluateConfig, context: int,
                      settings: GenerationSettings) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """Teacher-forced and autoregressive PSNR, baselines and ΔtPSNR on clips [N, c + k, C, H, W].
+    """Teacher-forced and autoregressive PSNR, baselines and ΔtPSNR on clips [B, c + k, C, H, W].
 
-    tokens [N, T, P] and recon [N, T, C, H, W]: the clips through the tokenizer; action_usage
+    tokens [B, T, P] and recon [B, T, C, H, W]: the clips through the tokenizer; action_usage
     [A]: how often the LAM uses each action on held-out transitions (for `delta_psnr_usage`).
     """
     k, c, bs = config.horizon, context, config.batch_size
     n = clips.shape[0]
-    inferred = in_batches(world.infer_actions, clips, batch_size=bs).cpu()  # [N, T-1]: LAM id of each transition
-    future = clips[:, c:]  # [N, k, C, H, W]
+    inferred = in_batches(world.infer_actions, clips, batch_size=bs).cpu()  # [B, T-1]: LAM id of each transition
+    future = clips[:, c:]  # [B, k, C, H, W]
 
     def roll(ctx, actions, ctx_actions):
         return world.rollout(ctx, actions, context_actions=ctx_actions, settings=settings).cpu()
@@ -217,30 +226,30 @@ def dynamics_metrics(world: WorldModel, clips: torch.Tensor, tokens: torch.Tenso
     # ΔtPSNR) and with random ones drawn as often as the LAM uses them. After the first step
     # the model's own frames are its context.
     generator = torch.Generator().manual_seed(config.seed)
-    random_actions = torch.randint(0, world.num_actions, (n, k), generator=generator)  # [N, k]
+    random_actions = torch.randint(0, world.num_actions, (n, k), generator=generator)  # [B, k]
     usage_actions = torch.multinomial(action_usage.float(), n * k, replacement=True, generator=generator)
-    usage_actions = rearrange(usage_actions, "(n k) -> n k", n=n)  # [N, k]
+    usage_actions = rearrange(usage_actions, "(n k) -> n k", n=n)  # [B, k]
     rollouts = in_batches(
         roll, clips[:, :c].repeat(3, 1, 1, 1, 1), torch.cat([inferred[:, c - 1 :], random_actions, usage_actions]),
         inferred[:, : c - 1].repeat(3, 1), batch_size=bs,
     )  # [3N, k, C, H, W]
     predicted, randomized, usage_randomized = rollouts[:n], rollouts[n : 2 * n], rollouts[2 * n :]
     # Teacher-forced: every target frame j from the real frames j-c..j-1, one frame at a time.
-    windows = torch.stack([clips[:, j - c : j] for j in range(c, c + k)], dim=1)  # [N, k, c, C, H, W]
-    window_actions = torch.stack([inferred[:, j - c : j] for j in range(c, c + k)], dim=1)  # [N, k, c]
+    windows = torch.stack([clips[:, j - c : j] for j in range(c, c + k)], dim=1)  # [B, k, c, C, H, W]
+    window_actions = torch.stack([inferred[:, j - c : j] for j in range(c, c + k)], dim=1)  # [B, k, c]
     next_frames = in_batches(
         roll, rearrange(windows, "n k ... -> (n k) ..."), rearrange(window_actions[..., -1:], "n k 1 -> (n k) 1"),
         rearrange(window_actions[..., :-1], "n k a -> (n k) a"), batch_size=bs,
-    )  # [N*k, 1, C, H, W]
+    )  # [B*k, 1, C, H, W]
     next_frames = rearrange(next_frames, "(n k) 1 ... -> n k ...", n=n)
 
-    def scores(frames):  # [N, k] per-frame PSNR against the real future
+    def scores(frames):  # [B, k] per-frame PSNR against the real future
         return M.psnr(frames, future, dims=(2, 3, 4))
 
     # The copy baseline in token space: the last context frame's tokens repeated, decoded like
     # a prediction. The dynamics model can only beat this by predicting change.
-    copied_tokens = torch.cat([tokens[:, :c], M.copy_last_frame(tokens[:, :c], k)], dim=1)  # [N, T, P]
-    copied = in_batches(world.decode, copied_tokens, batch_size=bs)[:, c:].cpu()  # [N, k, C, H, W]
+    copied_tokens = torch.cat([tokens[:, :c], M.copy_last_frame(tokens[:, :c], k)], dim=1)  # [B, T, P]
+    copied = in_batches(world.decode, copied_tokens, batch_size=bs)[:, c:].cpu()  # [B, k, C, H, W]
 
     t = config.delta_psnr_horizon
     rollout, randomized_scores = scores(predicted), scores(randomized)
@@ -299,17 +308,6 @@ def mean_over_datasets(per_dataset: dict[str, dict]) -> dict[str, Any]:
         for part in parents:
             node = node.setdefault(part, {})
         node[leaf] = float(np.mean([f[key] for f in flat]))
-    return out
-
-
-def flatten(metrics: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{"pong": {"tokenizer": {"psnr": 30}}} -> {"pong.tokenizer.psnr": 30}, as `dvc metrics` shows it."""
-    out = {}
-    for key, value in metrics.items():
-        if isinstance(value, dict):
-            out |= flatten(value, f"{prefix}{key}.")
-        else:
-            out[f"{prefix}{key}"] = value
     return out
 
 
@@ -378,7 +376,7 @@ def evaluate(params: dict[str, Any], root: Path = Path(".")) -> dict[str, Any]:
     layout = Layout(root)
     names = dataset_names(params)
     config = EvaluateConfig.from_params(params)
-    split = common.split_config(params)
+    split = split_config(params)
     frame_skip = int(section(params, "data", "frame_skip"))
     world = WorldModel.load(layout.model("tokenizer").parent, device=str(params.get("train", {}).get("device", "auto")))
     context = config.context_frames or world.context_frames - 1
@@ -390,11 +388,11 @@ def evaluate(params: dict[str, Any], root: Path = Path(".")) -> dict[str, Any]:
         "data": section(params, "data"),
         "device": str(world.device),
         "models": {kind: file_sha256(layout.model(kind) / "model.safetensors")
-                   for kind in ("tokenizer", "actions", "dynamics")},
+                   for kind in ("tokenizer", "lam", "dynamics")},
     }
 
     results: dict[str, Any] = {}
-    with common.open_tracking(STAGE, params, names, run_config) as run, tempfile.TemporaryDirectory() as scratch:
+    with open_stage_run(STAGE, params, names, run_config) as run, tempfile.TemporaryDirectory() as scratch:
         run.set_tags({"tinyworlds.device": device_text})
         for name in names:
             began = time.perf_counter()
@@ -405,7 +403,7 @@ def evaluate(params: dict[str, Any], root: Path = Path(".")) -> dict[str, Any]:
             transitions = split_transitions(layout.latent_actions(name), layout.frames(name), split, frame_skip)
             actions, usage = action_metrics(transitions, world.num_actions)
             dynamics, out = dynamics_metrics(world, held.frames, tokens, recon, usage, config, context, settings)
-            results[name] = {"clips": held.frames.shape[0], "tokenizer": tokenizer, "actions": actions,
+            results[name] = {"clips": held.frames.shape[0], "tokenizer": tokenizer, "lam": actions,
                              "dynamics": dynamics}
             log_pictures(run, name, held, recon, dynamics, out, context, config, Path(scratch))
             seconds = time.perf_counter() - began
@@ -422,7 +420,7 @@ def evaluate(params: dict[str, Any], root: Path = Path(".")) -> dict[str, Any]:
             for b in (1, 8)
         } | {"device": device_text}
 
-        write_metrics_json(results, layout.metrics(STAGE))
+        write_json(results, layout.metrics(STAGE))
         run.log_final({k: float(v) for k, v in flatten(results).items() if isinstance(v, (int, float))})
         run.log_artifact(layout.metrics(STAGE))
     return results

@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 from einops import rearrange, repeat
 
-from tinyworlds.atomic import atomic_output
-from tinyworlds.errors import TinyWorldsError
+from tinyworlds.core.atomic import atomic_output
+from tinyworlds.core.errors import TinyWorldsError
 
 STRIP_PADDING = 2  # pixels of strip above and below a label
 GAP_COLOUR = 96  # grey between tiles

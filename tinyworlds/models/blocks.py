@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from einops import rearrange, reduce, repeat
 from torch import Tensor, nn
 
-from tinyworlds.errors import TinyWorldsError
+from tinyworlds.core.errors import TinyWorldsError
 from tinyworlds.models.fsq import valid_levels
 
 # ---------------------------------------------------------------------------------------------
@@ -115,7 +115,7 @@ TimeKV = tuple[Tensor, Tensor]
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention over the middle axis of [N, L, E] via fused SDPA kernels."""
+    """Multi-head self-attention over the middle axis of [R, Lq, E] via fused SDPA kernels."""
 
     def __init__(self, embed_dim: int, num_heads: int):
         super().__init__()
@@ -127,28 +127,28 @@ class Attention(nn.Module):
         return self.attend(*self.project(x), causal=causal)
 
     def project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """[N, L, E] -> queries, keys, values, each [N, L, E] (the h heads side by side)."""
+        """[R, Lq, E] -> queries, keys, values, each [R, Lq, E] (the h heads side by side)."""
         q, k, v = self.qkv(x).chunk(3, dim=-1)
         return q, k, v
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, *, causal: bool) -> Tensor:
-        """Queries [N, L, E] over keys and values [N, S, E] -> [N, L, E]."""
-        q, k, v = (rearrange(z, "n l (h d) -> n h l d", h=self.num_heads) for z in (q, k, v))  # [N, h, L or S, d]
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # [N, h, L, d]
-        return self.proj(rearrange(y, "n h l d -> n l (h d)"))  # [N, L, E]
+        """Queries [R, Lq, E] over keys and values [R, Lk, E] -> [R, Lq, E]."""
+        q, k, v = (rearrange(z, "n l (h d) -> n h l d", h=self.num_heads) for z in (q, k, v))  # [R, h, Lq or Lk, d]
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # [R, h, Lq, d]
+        return self.proj(rearrange(y, "n h l d -> n l (h d)"))  # [R, Lq, E]
 
     def attend_one(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        """One query per row [N, 1, E] over keys and values [N, S, E] -> [N, 1, E]; equals attend().
+        """One query per row [R, 1, E] over keys and values [R, Lk, E] -> [R, 1, E]; equals attend().
 
         Dense ops instead of SDPA: with S a few frames and heads of a few channels, SDPA's setup
-        per row and head outweighs the arithmetic (3x slower at TinyWorlds' sizes on CPU).
+        per row and head outweighs the arithmetic (slower at TinyWorlds' sizes on CPU).
         """
         d = q.shape[-1] // self.num_heads
         # [E, h] of 0/1, channel e -> head e // d: a matmul with it sums products within each head.
         head_of = torch.eye(self.num_heads, dtype=q.dtype, device=q.device).repeat_interleave(d, dim=0)  # [E, h]
-        scores = ((q * k) @ head_of) * d**-0.5  # [N, S, h]
-        weights = scores.softmax(dim=1)  # [N, S, h]
-        y = reduce((weights @ head_of.T) * v, "n s e -> n 1 e", "sum")  # [N, 1, E]
+        scores = ((q * k) @ head_of) * d**-0.5  # [R, Lk, h]
+        weights = scores.softmax(dim=1)  # [R, Lk, h]
+        y = reduce((weights @ head_of.T) * v, "n s e -> n 1 e", "sum")  # [R, 1, E]
         return self.proj(y)
 
 

@@ -17,17 +17,19 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import tinyworlds
-from tinyworlds.atomic import atomic_output
-from tinyworlds.errors import TinyWorldsError
+from tinyworlds.core.atomic import atomic_output
+from tinyworlds.core.errors import TinyWorldsError
 from tinyworlds.models.dynamics import DynamicsConfig, DynamicsModel
 from tinyworlds.models.lam import LatentActionConfig, LatentActionModel
 from tinyworlds.models.tokenizer import TokenizerConfig, VideoTokenizer
 
 MODEL_KINDS: dict[str, tuple[type, type[nn.Module]]] = {
     "tokenizer": (TokenizerConfig, VideoTokenizer),
-    "latent_actions": (LatentActionConfig, LatentActionModel),
+    "lam": (LatentActionConfig, LatentActionModel),
     "dynamics": (DynamicsConfig, DynamicsModel),
 }
+# Kinds written by earlier releases, read as their current name (0.1 wrote "latent_actions").
+RENAMED_KINDS = {"latent_actions": "lam"}
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 
@@ -80,7 +82,7 @@ def load_model(directory: str | os.PathLike, device: str | torch.device = "cpu")
         raise TinyWorldsError(f"{config_path}: unreadable JSON ({err})") from None
     if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict):
         raise TinyWorldsError(f"{config_path}: expected an object with a \"kind\" and a \"config\" object")
-    kind = meta.get("kind")
+    kind = RENAMED_KINDS.get(meta.get("kind"), meta.get("kind"))
     if kind not in MODEL_KINDS:
         raise TinyWorldsError(f"{config_path}: unknown kind {kind!r}; expected one of {', '.join(MODEL_KINDS)}")
     config_cls, model_cls = MODEL_KINDS[kind]

@@ -18,7 +18,7 @@ depend on the frame being made: they run through the blocks once per new frame, 
 temporal keys and values of them are cached, and each MaskGIT step runs only the new frame
 (one frame's work instead of the whole window's; `use_cache=False` is the reference path).
 
-Dimension keys: B batch, T time, N generated frames, P patches per frame, E embedding,
+Dimension keys: B batch, T time, F generated frames, P patches per frame, E embedding,
 V vocabulary (token ids; id V is the mask), A actions (action id A is the null action).
 """
 
@@ -33,8 +33,14 @@ import torch.nn.functional as F
 from einops import rearrange, repeat
 from torch import Tensor, nn
 
-from tinyworlds.errors import TinyWorldsError
-from tinyworlds.models.blocks import SpaceTimeTransformer, check, check_attention, check_fraction, check_positive_ints
+from tinyworlds.core.errors import TinyWorldsError
+from tinyworlds.models.blocks import (
+    SpaceTimeTransformer,
+    check,
+    check_attention,
+    check_fraction,
+    check_positive_ints,
+)
 
 # Fraction of a frame's tokens still masked once `progress` (in (0, 1]) of the steps are done.
 MASK_SCHEDULES = {
@@ -155,13 +161,13 @@ class DynamicsModel(nn.Module):
 
         # Logits only for frames 1..T-1: frame 0 is never a target.
         logits = self.head(self.features(inputs, actions)[:, 1:])  # [B, T-1, P, V]
-        logits = rearrange(logits, "b t p v -> (b t p) v")  # [N, V], N = B*(T-1)*P
-        targets = rearrange(tokens[:, 1:], "b t p -> (b t p)")  # [N]
-        weight = rearrange(masked, "b t p -> (b t p)").float()  # [N]: 1 where the input was masked
-        ce = F.cross_entropy(logits.float(), targets, reduction="none")  # [N]
+        logits = rearrange(logits, "b t p v -> (b t p) v")  # [B*(T-1)*P, V]
+        targets = rearrange(tokens[:, 1:], "b t p -> (b t p)")  # [B*T*P]
+        weight = rearrange(masked, "b t p -> (b t p)").float()  # [B*T*P]: 1 where the input was masked
+        ce = F.cross_entropy(logits.float(), targets, reduction="none")  # [B*T*P]
         total = weight.sum()
         loss = (ce * weight).sum() / total
-        hits = (logits.detach().argmax(-1) == targets).float()  # [N]
+        hits = (logits.detach().argmax(-1) == targets).float()  # [B*T*P]
         metrics = {
             "loss": loss.detach(),
             "masked_accuracy": (hits * weight).sum() / total,
@@ -187,7 +193,7 @@ class DynamicsModel(nn.Module):
     ) -> Tensor:
         """Generate N frames after the context, one at a time, by iterative MaskGIT unmasking.
 
-        context_tokens [B, T, P] (T >= 1, never modified); actions [B, N]: the action into each
+        context_tokens [B, T, P] (T >= 1, never modified); actions [B, F]: the action into each
         new frame; context_actions [B, T-1] or None (unknown: the null action A). Past
         max_frames the model sees a sliding window of the latest frames. temperature 0 is
         greedy. seed: an int (sample i uses seed + i) or a LongTensor [B] of per-sample seeds;
@@ -285,7 +291,7 @@ class DynamicsModel(nn.Module):
             )
         b, t, p = context_tokens.shape
         if actions.dim() != 2 or actions.shape[0] != b:
-            raise TinyWorldsError(f"generate: actions has shape {tuple(actions.shape)}, expected [{b}, N]")
+            raise TinyWorldsError(f"generate: actions has shape {tuple(actions.shape)}, expected [{b}, F]")
         if context_actions is not None and tuple(context_actions.shape) != (b, t - 1):
             raise TinyWorldsError(
                 f"generate: context_actions has shape {tuple(context_actions.shape)}, expected [{b}, {t - 1}]"

@@ -17,7 +17,7 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from tinyworlds.errors import TinyWorldsError
+from tinyworlds.core.errors import TinyWorldsError
 
 
 def valid_levels(levels: Sequence[int]) -> bool:
@@ -79,7 +79,7 @@ class FSQ(nn.Module):
 
 def id_usage(ids: Tensor, vocab_size: int) -> Tensor:
     """Fraction of the entries of `ids` equal to each id: [V], summing to 1. No host sync."""
-    flat = rearrange(ids, "... -> (...)")  # [N]
+    flat = rearrange(ids, "... -> (...)")  # [B*...]: every id
     counts = torch.zeros(vocab_size, device=ids.device).scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.float))
     return counts / flat.numel()  # [V]
 

@@ -19,7 +19,7 @@ decoder decides what the split means. A penalty pulls each video's raw latent me
 variance to 1, so by the end standardising changes little and inference (`infer`) uses the raw
 latent with no statistics, on any clip, even a single transition.
 
-Dimension keys: B batch, T time, N transitions (B*(T-1)), C channels, H/W pixels, S patch size,
+Dimension keys: B batch, T time, C channels, H/W pixels, S patch size,
 P patches per frame, E embedding, L FSQ dims (len(levels)), A actions (prod(levels)).
 """
 
@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from einops import rearrange, reduce
 from torch import Tensor, nn
 
-from tinyworlds.errors import TinyWorldsError
+from tinyworlds.core.errors import TinyWorldsError
 from tinyworlds.models.blocks import (
     SpaceTimeTransformer,
     check,
@@ -109,9 +109,9 @@ class LatentActionModel(nn.Module):
         """Frames [B, T, C, H, W] -> raw latent of each transition [B, T-1, L], from its two frames alone."""
         b = frames.shape[0]
         pairs = torch.stack([frames[:, :-1], frames[:, 1:]], dim=2)  # [B, T-1, 2, C, H, W]
-        pairs = rearrange(pairs, "b t two c h w -> (b t) two c h w")  # [N, 2, C, H, W]
-        x = self.encoder(self.encoder_embed(patchify(pairs, self.config.patch_size)))  # [N, 2, P, E]
-        pooled = reduce(x[:, 1], "n p e -> n e", "mean")  # [N, E]: frame t+1, which has seen t
+        pairs = rearrange(pairs, "b t two c h w -> (b t) two c h w")  # [B*(T-1), 2, C, H, W]
+        x = self.encoder(self.encoder_embed(patchify(pairs, self.config.patch_size)))  # [B*(T-1), 2, P, E]
+        pooled = reduce(x[:, 1], "n p e -> n e", "mean")  # [B*(T-1), E]: frame t+1, which has seen t
         return rearrange(self.to_latent(pooled), "(b t) l -> b t l", b=b)  # [B, T-1, L]
 
     def predict(self, frames: Tensor, codes: Tensor, *, mask_ratio: float = 0.0) -> Tensor:
@@ -146,9 +146,9 @@ class LatentActionModel(nn.Module):
         b, t = frames.shape[:2]
         if t < 2:
             raise TinyWorldsError(f"latent action loss needs clips of >= 2 frames, got {t}")
-        z = rearrange(self.latents(frames), "b t l -> (b t) l").float()  # [N, L]
+        z = rearrange(self.latents(frames), "b t l -> (b t) l").float()  # [B*(T-1), L]
         groups = torch.zeros(b, dtype=torch.long, device=frames.device) if videos is None else videos.long()
-        standard, mean, var = standardize_per_group(z, groups.repeat_interleave(t - 1))  # [N, L], [G, L], [G, L]
+        standard, mean, var = standardize_per_group(z, groups.repeat_interleave(t - 1))  # [B*(T-1), L], [G, L], [G, L]
         codes = self.fsq(rearrange(standard, "(b t) l -> b t l", b=b))  # [B, T-1, L]
         pred = self.predict(frames[:, :-1], codes, mask_ratio=self.config.mask_ratio)  # [B, T-1, C, H, W]
         recon = F.mse_loss(pred.float(), frames[:, 1:].float())
@@ -169,12 +169,12 @@ EPS = 1e-5  # variance floor of a standardised group
 
 
 def standardize_per_group(z: Tensor, groups: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Latents [N, L] and group ids [N] -> (each row standardised over its group [N, L], the
+    """Latents [B*(T-1), L] and group ids [B*(T-1)] -> (each row standardised over its group [B*(T-1), L], the
     groups' means [G, L] and variances [G, L]), G = the ids present, in ascending order. A group
     of one row has variance 0 and standardises to 0."""
-    ids, index = torch.unique(groups, return_inverse=True)  # [G], [N] in 0..G-1
+    ids, index = torch.unique(groups, return_inverse=True)  # [G], [B*(T-1)] in 0..G-1
     counts = torch.bincount(index, minlength=len(ids)).to(z.dtype)[:, None]  # [G, 1]
     mean = torch.zeros(len(ids), z.shape[1], device=z.device, dtype=z.dtype).index_add(0, index, z) / counts  # [G, L]
-    centred = z - mean[index]  # [N, L]
+    centred = z - mean[index]  # [B*(T-1), L]
     var = torch.zeros_like(mean).index_add(0, index, centred.square()) / counts  # [G, L]
     return centred / torch.sqrt(var[index] + EPS), mean, var

@@ -39,8 +39,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from tinyworlds.errors import TinyWorldsError
-from tinyworlds.training.device import pick_device
+from tinyworlds.core.device import rank_device
+from tinyworlds.core.errors import TinyWorldsError
 
 _stop_group: Any = None  # a gloo group for per-step stop agreement when the main backend is nccl
 
@@ -86,18 +86,6 @@ def nproc_setting(params: dict[str, Any]) -> int:
 def under_torchrun() -> bool:
     """True in a worker started by torch.distributed.run (which sets these for every worker)."""
     return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
-
-
-def rank_device(setting: str = "auto") -> torch.device:
-    """The device of this process: `pick_device(setting)`, and cuda:LOCAL_RANK under torchrun."""
-    device = pick_device(setting)
-    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        return device
-    if device.type == "cuda":
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    if device.type == "mps":
-        raise TinyWorldsError("train.nproc > 1: multi-process training needs CUDA or the CPU, not mps (set train.device: cpu)")
-    return device
 
 
 @contextlib.contextmanager
@@ -153,8 +141,8 @@ def run_training_stage(train: Callable[[dict[str, Any]], object], argv: list[str
     exits with its status; each worker then joins the process group and trains. Errors are
     one line as in `run_stage`; a worker other than rank 0 prefixes its rank.
     """
-    from tinyworlds.params import load_params
-    from tinyworlds.stage import run_stage
+    from tinyworlds.core.params import load_params
+    from tinyworlds.core.stage import run_stage
 
     argv = list(sys.argv if argv is None else argv)
 
@@ -280,7 +268,10 @@ def full_state(model: nn.Module, optimizer: torch.optim.Optimizer | None = None)
     """(model state, optimizer state) of an FSDP-sharded model, whole and on the CPU of rank 0
     (empty elsewhere); collective. The optimizer state is numbered as `optimizer.state_dict()`
     numbers it, so the state on disk is the same as without FSDP."""
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
 
     model_state = get_model_state_dict(model, options=_options(cpu_offload=True))
     if optimizer is None:
@@ -295,7 +286,10 @@ def full_state(model: nn.Module, optimizer: torch.optim.Optimizer | None = None)
 
 def load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer, model_state: dict, optimizer_state: dict) -> None:
     """Load whole states (as `full_state` returns them) into an FSDP-sharded model; collective."""
-    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
 
     names = _param_names(model, optimizer)
     by_name = {

@@ -20,7 +20,6 @@ Assembled from named steps (`build_optimizer`, `build_loaders`, `restore_if_poss
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import math
@@ -36,10 +35,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from tinyworlds.atomic import atomic_output
-from tinyworlds.errors import TinyWorldsError
+from tinyworlds.core.atomic import atomic_output
+from tinyworlds.core.device import autocast, configure_backends, resolve_precision
+from tinyworlds.core.errors import TinyWorldsError
 from tinyworlds.training import distributed
-from tinyworlds.training.device import autocast, configure_backends, resolve_precision
 
 LossFn = Callable[[torch.nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
@@ -181,7 +180,13 @@ class Progress:
         self.name, self.total = name, total
         self.live = sys.stderr.isatty()
         if self.live:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn, TimeRemainingColumn
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                TextColumn,
+                TimeRemainingColumn,
+            )
+            from rich.progress import Progress as RichProgress
 
             self.bar = RichProgress(
                 TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -495,20 +500,6 @@ class Trainer:
         self.scheduler.step()
         totals["grad_norm"] = grad_norm.detach()
         return totals
-
-
-def write_history_csv(history: list[dict[str, float]], path: Path) -> None:
-    """Loss curves for `dvc plots`: one row per log interval."""
-    columns = sorted({k for row in history for k in row}, key=lambda k: (k != "step", k))
-    with atomic_output(path) as tmp, open(tmp, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(history)
-
-
-def write_metrics_json(metrics: dict[str, Any], path: Path) -> None:
-    with atomic_output(path) as tmp:
-        tmp.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
 
 
 def config_dict(config: Any) -> dict[str, Any]:

@@ -7,11 +7,11 @@ from typing import Any
 
 import torch
 
-from tinyworlds.evaluation.metrics import finite_mean, psnr
+from tinyworlds.metrics import finite_mean, psnr
 from tinyworlds.models.fsq import id_usage, perplexity
 from tinyworlds.models.pixels import to_model, to_uint8
 from tinyworlds.models.tokenizer import TokenizerConfig, VideoTokenizer
-from tinyworlds.training import common
+from tinyworlds.training import setup
 from tinyworlds.training.distributed import is_main_process
 from tinyworlds.training.loop import Trainer
 
@@ -49,7 +49,7 @@ def reconstruction_metrics(model: VideoTokenizer, dataset, device, batch_size: i
 
 
 def train_tokenizer(params: dict[str, Any], root: Path = Path(".")) -> dict[str, float]:
-    stage = common.prepare_frame_stage(params, "tokenizer", TokenizerConfig, root)
+    stage = setup.prepare_frame_stage(params, "tokenizer", TokenizerConfig, root)
     layout, names, length, device = stage.layout, stage.names, stage.clip_len, stage.device
     train_config, train_set, val_set = stage.train_config, stage.train_set, stage.val_set
 
@@ -57,14 +57,14 @@ def train_tokenizer(params: dict[str, Any], root: Path = Path(".")) -> dict[str,
     model = VideoTokenizer(stage.model_config)
     preview = preview_clips(val_set).to(device) if len(val_set) else None
 
-    with common.open_tracking(STAGE, params, names, stage.config) as run:
+    with setup.open_tracking(STAGE, params, names, stage.config) as run:
 
         def show_reconstructions(model: VideoTokenizer, step: int) -> None:
             if preview is None:
                 return
             reconstruction, _ = model(to_model(preview))
             rows = [row for pair in zip(preview, to_uint8(reconstruction)) for row in pair]  # truth, recon, ...
-            run.log_image(common.image_grid(rows), f"reconstructions/step_{step:06d}.png")
+            run.log_image(setup.image_grid(rows), f"reconstructions/step_{step:06d}.png")
 
         trainer = Trainer(
             STAGE, model, tokenizer_loss, train_set, val_set, train_config, device,
@@ -76,4 +76,4 @@ def train_tokenizer(params: dict[str, Any], root: Path = Path(".")) -> dict[str,
             return {}  # rank 0 evaluates and writes the outputs
         result.model.eval()
         extra = reconstruction_metrics(result.model, val_set, device, train_config.batch_size)
-        return common.finish_training(STAGE, result, layout, run, layout.model("tokenizer"), extra)
+        return setup.finish_training(STAGE, result, layout, run, layout.model("tokenizer"), extra)

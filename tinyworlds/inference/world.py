@@ -13,13 +13,13 @@ from pathlib import Path
 import torch
 from einops import rearrange
 
-from tinyworlds.errors import TinyWorldsError
+from tinyworlds.core.device import pick_device
+from tinyworlds.core.errors import TinyWorldsError
 from tinyworlds.models.checkpoint import load_model
 from tinyworlds.models.dynamics import DynamicsModel
 from tinyworlds.models.lam import LatentActionModel
 from tinyworlds.models.pixels import to_model, to_uint8
 from tinyworlds.models.tokenizer import VideoTokenizer
-from tinyworlds.training.device import pick_device
 
 
 @dataclass
@@ -27,46 +27,46 @@ class GenerationSettings:
     steps: int = 8  # MaskGIT unmasking steps per frame
     schedule: str = "cosine"  # cosine | exponential | linear
     temperature: float = 1.0  # 0 = greedy
-    seed: int = 0
+    seed: int | None = 0  # None only before `dream` draws a fresh one
 
 
 class WorldModel:
     """The three trained models of one pipeline run, on one device."""
 
-    def __init__(self, tokenizer: VideoTokenizer, actions: LatentActionModel, dynamics: DynamicsModel, device: torch.device):
-        self.tokenizer, self.actions, self.dynamics, self.device = tokenizer, actions, dynamics, device
+    def __init__(self, tokenizer: VideoTokenizer, lam: LatentActionModel, dynamics: DynamicsModel, device: torch.device):
+        self.tokenizer, self.lam, self.dynamics, self.device = tokenizer, lam, dynamics, device
         t, d = tokenizer.config, dynamics.config
         if (tokenizer.vocab_size, tokenizer.num_patches) != (d.vocab_size, d.num_patches):
             raise TinyWorldsError(
                 f"dynamics model expects {d.vocab_size} tokens x {d.num_patches} patches, tokenizer makes "
                 f"{tokenizer.vocab_size} x {tokenizer.num_patches}: they are not from the same pipeline run"
             )
-        if actions.num_actions != d.num_actions:
+        if lam.num_actions != d.num_actions:
             raise TinyWorldsError(
-                f"dynamics model expects {d.num_actions} actions, the latent action model has {actions.num_actions}"
+                f"dynamics model expects {d.num_actions} actions, the latent action model has {lam.num_actions}"
             )
-        if (actions.config.frame_size, actions.config.channels) != (t.frame_size, t.channels):
+        if (lam.config.frame_size, lam.config.channels) != (t.frame_size, t.channels):
             raise TinyWorldsError("latent action model and tokenizer were trained on different frame sizes")
 
     @classmethod
     def load(cls, models_dir: str | Path = "data/models", device: str = "auto") -> WorldModel:
-        """Load data/models/{tokenizer,actions,dynamics}; one-line errors for anything missing."""
+        """Load data/models/{tokenizer,lam,dynamics}; one-line errors for anything missing."""
         models_dir = Path(models_dir)
         if not models_dir.is_dir():
             raise TinyWorldsError(f"{models_dir}: no such model directory (run `dvc repro` first)")
         target = pick_device(device)
         loaded = {}
-        for kind, expected in (("tokenizer", VideoTokenizer), ("actions", LatentActionModel), ("dynamics", DynamicsModel)):
+        for kind, expected in (("tokenizer", VideoTokenizer), ("lam", LatentActionModel), ("dynamics", DynamicsModel)):
             model = load_model(models_dir / kind, device=target)
             if not isinstance(model, expected):
                 raise TinyWorldsError(f"{models_dir / kind}: holds a {type(model).__name__}, expected a {expected.__name__}")
             loaded[kind] = model.eval()
-        return cls(loaded["tokenizer"], loaded["actions"], loaded["dynamics"], target)
+        return cls(loaded["tokenizer"], loaded["lam"], loaded["dynamics"], target)
 
     # -- facts ---------------------------------------------------------------------------------
     @property
     def num_actions(self) -> int:
-        return self.actions.num_actions
+        return self.lam.num_actions
 
     @property
     def frame_size(self) -> int:
@@ -123,14 +123,14 @@ class WorldModel:
     def infer_actions(self, frames: torch.Tensor) -> torch.Tensor:
         """uint8 frames [B, T, C, H, W] -> latent action ids [B, T-1] of each transition."""
         self.check_frames(frames)
-        window = self.actions.config.max_frames
+        window = self.lam.config.max_frames
         frames = to_model(frames.to(self.device))
         if frames.shape[1] <= window:
-            return self.actions.infer(frames)
+            return self.lam.infer(frames)
         # Longer than the LAM's window: label each transition in the window that ends at it.
         windows = frames.unfold(1, window, 1)  # [B, n, C, H, W, window]
         windows = rearrange(windows, "b n c h w k -> (b n) k c h w")
-        ids = rearrange(self.actions.infer(windows), "(b n) k -> b n k", b=frames.shape[0])  # [B, n, window-1]
+        ids = rearrange(self.lam.infer(windows), "(b n) k -> b n k", b=frames.shape[0])  # [B, n, window-1]
         return torch.cat([ids[:, 0, :-1], ids[:, :, -1]], dim=1)  # [B, T-1]
 
     # -- generation ----------------------------------------------------------------------------
@@ -147,11 +147,11 @@ class WorldModel:
         context_actions: torch.Tensor | None = None,
         settings: GenerationSettings = GenerationSettings(),
     ) -> torch.Tensor:
-        """Dream N frames after a context clip.
+        """Dream F frames after a context clip.
 
-        context: uint8 [B, T, C, H, W]; actions [B, N]: the latent action into each new frame;
+        context: uint8 [B, T, C, H, W]; actions [B, F]: the latent action into each new frame;
         context_actions [B, T-1] or None (inferred from the context with the LAM when T > 1).
-        Returns uint8 [B, N, C, H, W].
+        Returns uint8 [B, F, C, H, W].
         """
         self.check_frames(context, "context")
         actions = actions.to(self.device).long()

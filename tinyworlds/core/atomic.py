@@ -9,13 +9,16 @@ target before is left exactly as it was.
 from __future__ import annotations
 
 import contextlib
+import csv
+import json
 import os
 import shutil
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
-from tinyworlds.errors import TinyWorldsError
+from tinyworlds.core.errors import TinyWorldsError
 
 
 def _remove(path: Path) -> None:
@@ -63,3 +66,20 @@ def atomic_output(target: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         _remove(tmp)
         raise
+
+
+def write_json(doc: dict[str, Any], path: Path) -> Path:
+    """A JSON document (indented, keys sorted: stable diffs for `dvc metrics`), written atomically."""
+    with atomic_output(path) as tmp:
+        tmp.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+    return path
+
+
+def write_csv(rows: list[dict[str, float]], path: Path) -> Path:
+    """Rows as CSV with `step` first (the loss curves `dvc plots` reads), written atomically."""
+    columns = sorted({k for row in rows for k in row}, key=lambda k: (k != "step", k))
+    with atomic_output(path) as tmp, open(tmp, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    return path

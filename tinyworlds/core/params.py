@@ -3,13 +3,14 @@
 `Layout` is the single place that knows the on-disk layout of a project; `dvc.yaml` declares
 the same paths (a test checks that they agree).
 
-    data/raw/NAME.mp4 (+ NAME.actions.json)   recordings and user videos
-    data/frames/NAME.zarr                      ingested uint8 frames       (stage ingest@NAME)
-    data/models/{tokenizer,actions,dynamics}/  safetensors + config.json   (train_* stages)
-    data/tokens/NAME.zarr                      cached patch tokens         (stage tokenize)
-    data/latent_actions/NAME.zarr              cached latent action ids    (stage train_actions)
-    data/train_state/STAGE/                    resumable training state    (persist: true)
-    data/metrics/STAGE.json, STAGE_history.csv final metrics, loss curves
+    data/raw/NAME.mp4 (+ NAME.true_actions.json)  recordings and user videos
+    data/frames/NAME.zarr                         ingested uint8 frames        (stage ingest@NAME)
+    data/training_set.json                        the stores of data.train_on  (stage training_set)
+    data/models/{tokenizer,lam,dynamics}/         safetensors + config.json    (train_* stages)
+    data/tokens/NAME.zarr                         cached patch tokens          (stage tokenize)
+    data/latent_actions/NAME.zarr                 cached latent action ids     (stage train_lam)
+    data/train_state/STAGE/                       resumable training state     (persist: true)
+    data/metrics/STAGE.json, STAGE_history.csv    final metrics, loss curves
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from tinyworlds.errors import TinyWorldsError
+from tinyworlds.core.errors import TinyWorldsError
 
 
 def load_params(path: str | Path = "params.yaml") -> dict[str, Any]:
@@ -73,6 +74,9 @@ class Layout:
 
     def latent_actions(self, name: str) -> Path:
         return self.root / "data" / "latent_actions" / f"{name}.zarr"
+
+    def training_set(self) -> Path:
+        return self.root / "data" / "training_set.json"
 
     def model(self, kind: str) -> Path:
         return self.root / "data" / "models" / kind

@@ -14,9 +14,9 @@ import numpy as np
 import torch
 from einops import rearrange
 
-from tinyworlds.dream import Start
-from tinyworlds.errors import TinyWorldsError
-from tinyworlds.world import GenerationSettings, WorldModel
+from tinyworlds.apps.start import Start
+from tinyworlds.core.errors import ParameterError, TinyWorldsError
+from tinyworlds.inference.world import GenerationSettings, WorldModel
 
 # Arrow keys and WASD stand for one direction each; `--keys up=3,...` says which action that is.
 DIRECTIONS = {"up": ("ArrowUp", "w"), "down": ("ArrowDown", "s"), "left": ("ArrowLeft", "a"), "right": ("ArrowRight", "d")}
@@ -40,7 +40,7 @@ class KeyMap:
             name, _, value = part.partition("=")
             name = name.strip().lower()
             if name not in DIRECTIONS or not value.strip().isdigit():
-                raise TinyWorldsError(f"--keys {directions!r}: expected up=ID,down=ID,left=ID,right=ID")
+                raise ParameterError("keys", "expected up=ID,down=ID,left=ID,right=ID", directions)
             chosen[name] = int(value)
             if chosen[name] >= num_actions:
                 raise TinyWorldsError(

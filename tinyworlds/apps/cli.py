@@ -14,7 +14,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from tinyworlds.errors import TinyWorldsError
+from tinyworlds.core.errors import ParameterError, TinyWorldsError
 
 app = typer.Typer(
     help="Train Genie-style world models from gameplay video.",
@@ -31,6 +31,9 @@ def user_errors(command):
     def wrapper(*args, **kwargs):
         try:
             return command(*args, **kwargs)
+        except ParameterError as err:
+            typer.echo(f"error: {err.as_flags()}", err=True)
+            raise typer.Exit(1) from None
         except TinyWorldsError as err:
             typer.echo(f"error: {err}", err=True)
             raise typer.Exit(1) from None
@@ -88,7 +91,7 @@ def ingest(
     grayscale: Annotated[bool, typer.Option(help="Store one channel instead of RGB.")] = False,
     format: Annotated[Optional[str], typer.Option(help="zarr or hdf5 (default: from the --out suffix).")] = None,
     allow_partial: Annotated[bool, typer.Option(help="Keep the decodable frames of a cut-off video instead of failing.")] = False,
-    actions: Annotated[Optional[Path], typer.Option(help="Ground-truth actions sidecar (default: SOURCE's .actions.json if present).")] = None,
+    actions: Annotated[Optional[Path], typer.Option(help="Ground-truth actions sidecar (default: SOURCE's .true_actions.json if present).")] = None,
 ) -> None:
     """Decode a video (streaming) into a uint8 frame store, resampled and resized."""
     from tinyworlds.data.ingest import ingest as ingest_video
@@ -130,7 +133,7 @@ def runs(
     experiment: Annotated[Optional[str], typer.Option(help="MLflow experiment (default: from params.yaml).")] = None,
 ) -> None:
     """Print recent MLflow runs with their key params and final metrics."""
-    from tinyworlds.tracking import print_runs
+    from tinyworlds.tracking.report import print_runs
 
     print_runs(stage=stage, limit=limit, diff=diff, experiment=experiment)
 
@@ -157,7 +160,7 @@ def dream(
     schedule: Annotated[str, typer.Option(help="Unmasking schedule: cosine, exponential or linear.")] = "cosine",
     temperature: Annotated[float, typer.Option(help="Sampling temperature; 0 is greedy.")] = 1.0,
     seed: Annotated[Optional[int], typer.Option(help="Seed of the sampling, random actions and random start (default: new).")] = None,
-    models: Annotated[Path, typer.Option(help="Directory with tokenizer/, actions/ and dynamics/.")] = Path("data/models"),
+    models: Annotated[Path, typer.Option(help="Directory with tokenizer/, lam/ and dynamics/.")] = Path("data/models"),
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
     threads: Annotated[str, typer.Option(help="CPU threads: auto (the cores other processes leave idle) or a number.")] = "auto",
     out: Annotated[Optional[Path], typer.Option(help="Output directory (default: a new data/dreams/<time>-<start>).")] = None,
@@ -165,15 +168,21 @@ def dream(
     log: Annotated[bool, typer.Option("--log", help="Log the videos to MLflow (stage dream).")] = False,
 ) -> None:
     """Dream frames with the trained world model from a dataset clip, a video or an image; write mp4 + gif."""
-    from tinyworlds.dream import dream as run_dream
+    from tinyworlds.apps.actions import ActionRequest
+    from tinyworlds.apps.dream import DreamOutput
+    from tinyworlds.apps.dream import dream as run_dream
+    from tinyworlds.apps.start import StartRequest
+    from tinyworlds.inference.world import GenerationSettings
 
     if random and index is not None:
-        raise TinyWorldsError("--random and --index: give one of them")
+        raise ParameterError(("random", "index"), "give one of them")
     result = run_dream(
-        models=models, device=device, threads=threads, dataset=dataset, index=index, video=video, image=image,
-        context=context, fps=fps, crop=parse_crop(crop), fit=fit, frames=frames, actions=actions,
-        random_actions=random_actions, replay=replay, batch=batch, steps=steps, schedule=schedule,
-        temperature=temperature, seed=seed, compare=compare, out=out, scale=scale, log=log,
+        StartRequest(dataset=dataset, index=index, video=video, image=image, context=context, fps=fps,
+                     crop=parse_crop(crop), fit=fit),
+        ActionRequest(actions=actions, random_actions=random_actions, replay=replay),
+        GenerationSettings(steps=steps, schedule=schedule, temperature=temperature, seed=seed),
+        DreamOutput(out=out, scale=scale, compare=compare, log=log),
+        frames=frames, batch=batch, models=models, device=device, threads=threads,
         say=lambda line: typer.echo(line, err=True),
     )
     typer.echo(result.summary())
@@ -182,7 +191,7 @@ def dream(
 @app.command()
 @user_errors
 def play(
-    models: Annotated[Path, typer.Option(help="Directory with tokenizer/, actions/ and dynamics/.")] = Path("data/models"),
+    models: Annotated[Path, typer.Option(help="Directory with tokenizer/, lam/ and dynamics/.")] = Path("data/models"),
     dataset: Annotated[Optional[str], typer.Option(help="Start (and reset) from random clips of this dataset (default: any ingested).")] = None,
     index: Annotated[Optional[int], typer.Option(help="Always start from this frame of --dataset.")] = None,
     image: Annotated[Optional[Path], typer.Option(help="Start (and reset) from this image instead.")] = None,
@@ -198,12 +207,13 @@ def play(
     threads: Annotated[str, typer.Option(help="CPU threads: auto (the cores other processes leave idle) or a number.")] = "auto",
 ) -> None:
     """Play the world model in a local web page: keys or buttons pick the latent action of each next frame."""
-    from tinyworlds.play import serve
-    from tinyworlds.world import GenerationSettings
+    from tinyworlds.apps.play import serve
+    from tinyworlds.apps.start import StartRequest
+    from tinyworlds.inference.world import GenerationSettings
 
     serve(
-        models=models, device=device, threads=threads, dataset=dataset, index=index, image=image, context=context,
-        keys=keys,
+        models=models, device=device, threads=threads, keys=keys,
+        start=StartRequest(dataset=dataset, index=index, image=image, context=context),
         settings=GenerationSettings(steps=steps, schedule=schedule, temperature=temperature, seed=seed),
         host=host, port=port, say=lambda line: typer.echo(line, err=True),
     )

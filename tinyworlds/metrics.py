@@ -65,14 +65,14 @@ def ssim(prediction: torch.Tensor, target: torch.Tensor, *, window_size: int = 1
     size = min(window_size, h, w)
     size -= 1 - size % 2  # odd, so the window has a centre
     g = gaussian_window(size, sigma).to(x.device)  # [size]
-    x = rearrange(x, "... c h w -> (...) c h w")  # [N, C, H, W]
+    x = rearrange(x, "... c h w -> (...) c h w")  # [B*..., C, H, W]
     y = rearrange(y, "... c h w -> (...) c h w")
     # Separable Gaussian over 'valid' positions as two band-matrix products: row i of
     # rows_h holds the window at columns i..i+size-1 (plain matmuls, on any device).
     rows_h, rows_w = (band_matrix(g, n) for n in (h, w))  # [H', H], [W', W]
 
     def blur(image: torch.Tensor) -> torch.Tensor:
-        return torch.einsum("ih,nchw,jw->ncij", rows_h, image, rows_w)  # [N, C, H', W']
+        return torch.einsum("ih,nchw,jw->ncij", rows_h, image, rows_w)  # [B*..., C, H', W']
 
     c1, c2 = (0.01 * peak) ** 2, (0.03 * peak) ** 2
     mu_x, mu_y = blur(x), blur(y)

@@ -31,11 +31,11 @@ from pathlib import Path
 
 import numpy as np
 
-from tinyworlds.dream import Start, check_settings, load_start
-from tinyworlds.errors import TinyWorldsError
-from tinyworlds.play.session import KeyMap, PlaySession
-from tinyworlds.training.device import parse_threads, set_inference_threads
-from tinyworlds.world import GenerationSettings, WorldModel
+from tinyworlds.apps.start import Start, StartRequest, check_settings, load_start
+from tinyworlds.apps.play.session import KeyMap, PlaySession
+from tinyworlds.core.device import parse_threads, set_inference_threads
+from tinyworlds.core.errors import TinyWorldsError
+from tinyworlds.inference.world import GenerationSettings, WorldModel
 
 MAX_SESSIONS = 8  # the oldest session is dropped beyond this
 MAX_BODY_BYTES = 4096
@@ -95,7 +95,7 @@ class PlayApp:
 
 
 def page() -> bytes:
-    return files("tinyworlds.play").joinpath("page.html").read_bytes()
+    return files("tinyworlds.apps.play").joinpath("page.html").read_bytes()
 
 
 class PlayHandler(BaseHTTPRequestHandler):
@@ -196,10 +196,7 @@ def build_app(
     *,
     models: Path = Path("data/models"),
     device: str = "auto",
-    dataset: str | None = None,
-    index: int | None = None,
-    image: Path | None = None,
-    context: int | None = None,
+    start: StartRequest = StartRequest(),
     keys: str | None = None,
     settings: GenerationSettings = GenerationSettings(),
     root: Path = Path("."),
@@ -212,7 +209,7 @@ def build_app(
     rng = np.random.default_rng(settings.seed)
 
     def new_start() -> Start:
-        return load_start(world, dataset=dataset, index=index, image=image, context=context, rng=rng, root=root)
+        return load_start(world, start, rng=rng, root=root)
 
     for note in new_start().notes:
         say(note)

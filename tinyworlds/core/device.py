@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+from typing import Any
 
 import psutil
 import torch
 
-from tinyworlds.errors import TinyWorldsError
+from tinyworlds.core.errors import TinyWorldsError
 
 
 def pick_device(setting: str = "auto") -> torch.device:
@@ -28,6 +29,23 @@ def pick_device(setting: str = "auto") -> torch.device:
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise TinyWorldsError(f"device={setting!r}: MPS is not available on this machine (use auto or cpu)")
     return device
+
+
+def rank_device(setting: str = "auto") -> torch.device:
+    """The device of this process: `pick_device(setting)`, and cuda:LOCAL_RANK under torchrun."""
+    device = pick_device(setting)
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return device
+    if device.type == "cuda":
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    if device.type == "mps":
+        raise TinyWorldsError("train.nproc > 1: multi-process training needs CUDA or the CPU, not mps (set train.device: cpu)")
+    return device
+
+
+def device_for(params: dict[str, Any]) -> torch.device:
+    """`train.device`; under torchrun with CUDA, this rank's GPU (cuda:LOCAL_RANK)."""
+    return rank_device(str(params.get("train", {}).get("device", "auto")))
 
 
 def resolve_precision(setting: str, device: torch.device) -> str:
@@ -88,8 +106,8 @@ def set_inference_threads(setting: str | int, device: torch.device, *, sample_se
 
     `auto` takes the cores other processes leave idle, at least one. Batch-1 generation is
     many small ops, and OpenMP threads that share a core with another busy process wait on
-    each other at every op: on our 2-core machine, with one other busy process, 2 threads made
-    11.4 frames/s and 1 thread 26.8 (bench/README.md, "Threads"). A number is used as given.
+    each other at every op, so beside a busy process fewer threads generate faster
+    (bench/README.md, "Threads", has the figures). A number is used as given.
     """
     threads = parse_threads(setting)
     if device.type != "cpu":

@@ -5,7 +5,7 @@ the next frame for an action; `server.py` serves the page (`page.html`, self-con
 external assets, relative URLs only, so it works through `ssh -L`) and a small JSON API.
 """
 
-from tinyworlds.play.server import PlayApp, build_app, make_server, serve
-from tinyworlds.play.session import KeyMap, PlaySession
+from tinyworlds.apps.play.server import PlayApp, build_app, make_server, serve
+from tinyworlds.apps.play.session import KeyMap, PlaySession
 
 __all__ = ["KeyMap", "PlayApp", "PlaySession", "build_app", "make_server", "serve"]

@@ -16,14 +16,14 @@ import numpy as np
 import torch
 from einops import rearrange
 
-from tinyworlds.atomic import atomic_output
+from tinyworlds.core.atomic import atomic_output
+from tinyworlds.core.device import device_for
+from tinyworlds.core.params import Layout, dataset_names, section
 from tinyworlds.data.clips import open_array
 from tinyworlds.data.stores import file_sha256
 from tinyworlds.models.checkpoint import load_model
 from tinyworlds.models.pixels import to_model
 from tinyworlds.models.tokenizer import VideoTokenizer
-from tinyworlds.params import Layout, dataset_names, section
-from tinyworlds.training.common import device_for
 
 TOKENS_PER_CHUNK = 1024  # frames per zarr chunk: [1024, P] uint16 is 128 KiB at P = 64
 

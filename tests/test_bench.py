@@ -1,0 +1,54 @@
+"""Every benchmark script runs end to end at tiny sizes, so a change that breaks one fails here.
+
+Figures are not checked (timed tests are flaky and figures belong in bench/README.md): only
+that each script finishes and writes results JSON with the fields its summary table reads.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = {
+    "bench_training.py": ["--preset", "tiny", "--reps", "1", "--warmup", "1"],
+    "bench_models.py": ["--preset", "tiny", "--reps", "1", "--frames", "2", "--steps", "2"],
+    "bench_threads.py": ["--preset", "tiny", "--reps", "1", "--frames", "2", "--steps", "2", "--busy", "0"],
+    "bench_loader.py": ["--preset", "tiny", "--frames", "2400", "--batches", "2", "--reps", "1", "--warmup", "0"],
+    "bench_ingest.py": ["--frames", "120", "--reps", "1"],
+}
+
+
+def run(script: str, *args: str, timeout: int = 240) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, str(REPO / "bench" / script), *args], cwd=REPO,
+                            capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, f"{script} failed:\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
+    return result
+
+
+def test_every_bench_script_has_a_smoke_run():
+    scripts = {p.name for p in (REPO / "bench").glob("bench_*.py")}
+    assert scripts == set(TINY), "add the new benchmark to TINY"
+
+
+@pytest.mark.parametrize("script", sorted(TINY))
+def test_bench_script_runs_at_tiny_sizes(script, tmp_path):
+    out = tmp_path / ("ingest" if script == "bench_ingest.py" else "results.json")
+    on_cpu = [] if script in ("bench_ingest.py", "bench_threads.py") else ["--device", "cpu"]  # these are CPU-only
+    run(script, *TINY[script], *on_cpu, "--out", str(out))
+    written = sorted(out.rglob("*.json")) if out.is_dir() else [out]
+    assert written, f"{script} wrote no results"
+    for path in written:
+        assert isinstance(json.loads(path.read_text()), dict)
+
+
+def test_the_summary_tables_build_from_the_smoke_results(tmp_path):
+    """run_all's tables read the fields the scripts write: rebuild them from fresh tiny results."""
+    for script, name in (("bench_training.py", "training.json"), ("bench_models.py", "generation.json")):
+        run(script, *TINY[script], "--device", "cpu", "--out", str(tmp_path / name))
+    result = run("run_all.py", "--summarize", "--results", str(tmp_path))
+    assert "wrote" in result.stdout and (tmp_path / "summary.md").read_text().strip()

@@ -1,0 +1,11 @@
+"""The tags every tinyworlds run carries (see the package docstring)."""
+
+STAGE_TAG = "tinyworlds.stage"
+DATASETS_TAG = "tinyworlds.datasets"
+COMMIT_TAG = "tinyworlds.git_commit"
+PIPELINE_TAG = "tinyworlds.pipeline_run"
+DVC_EXPERIMENT_TAG = "tinyworlds.dvc_experiment"
+DVC_STAGE_TAG = "tinyworlds.dvc_stage"
+PARENT_TAG = "tinyworlds.parent"
+FINAL_METRICS_TAG = "tinyworlds.final_metrics"
+ERROR_TAG = "tinyworlds.error"

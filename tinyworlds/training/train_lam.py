@@ -1,0 +1,72 @@
+"""Stage `train_lam`: the latent action model, then the action id of every transition.
+
+After training, the LAM labels every transition of every training dataset into
+data/latent_actions/NAME.zarr (`tinyworlds.inference.latent_actions`), which is what the
+dynamics model trains on.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from tinyworlds.core.params import section
+from tinyworlds.inference.latent_actions import cache_latent_actions
+from tinyworlds.models.lam import LatentActionConfig, LatentActionModel
+from tinyworlds.models.pixels import to_model, to_uint8
+from tinyworlds.training import setup
+from tinyworlds.training.distributed import is_main_process
+from tinyworlds.training.loop import Trainer
+from tinyworlds.training.train_tokenizer import preview_clips
+
+STAGE = "train_lam"
+
+
+def lam_loss(model: LatentActionModel, batch: dict[str, torch.Tensor]):
+    return model.loss(to_model(batch["frames"]), batch["video"])
+
+
+def train_lam(params: dict[str, Any], root: Path = Path(".")) -> dict[str, float]:
+    stage = setup.prepare_frame_stage(params, "lam", LatentActionConfig, root)
+    layout, names, length, device = stage.layout, stage.names, stage.clip_len, stage.device
+    train_config, train_set, val_set = stage.train_config, stage.train_set, stage.val_set
+    frame_skip = int(section(params, "data", "frame_skip"))
+
+    torch.manual_seed(train_config.seed)
+    model = LatentActionModel(stage.model_config)
+    preview = preview_clips(val_set).to(device) if len(val_set) else None
+
+    with setup.open_tracking(STAGE, params, names, stage.config) as run:
+
+        def show_predictions(model: LatentActionModel, step: int) -> None:
+            if preview is None:
+                return
+            frames = to_model(preview)  # [R, T, C, H, W]
+            codes = model.fsq(model.latents(frames))  # [R, T-1, L]
+            predicted = model.predict(frames[:, :-1], codes)  # [R, T-1, C, H, W]: frames 1..T-1
+            # Row pairs: the real clip, then frame 0 followed by the predicted next frames.
+            rows = [r for truth, pred in zip(preview, to_uint8(predicted)) for r in (truth, torch.cat([truth[:1], pred]))]
+            run.log_image(setup.image_grid(rows), f"predictions/step_{step:06d}.png")
+
+        trainer = Trainer(
+            STAGE, model, lam_loss, train_set, val_set, train_config, device,
+            layout.train_state(STAGE), stage.fingerprint, log=run.log_metrics, on_validate=show_predictions,
+        )
+        result = trainer.fit()
+        if not is_main_process():
+            return {}  # rank 0 labels the transitions and writes the outputs
+        result.model.eval()
+        usage = np.zeros(result.model.num_actions)
+        for name in names:
+            actions = cache_latent_actions(result.model, stage.data.frames(name), layout.latent_actions(name),
+                                           clip_len=length, frame_skip=frame_skip, device=device,
+                                           storage_options=stage.data.storage_options)
+            usage += np.bincount(actions[actions >= 0], minlength=result.model.num_actions)
+        fractions = usage / max(usage.sum(), 1)
+        entropy = float(-(fractions[fractions > 0] * np.log(fractions[fractions > 0])).sum())
+        extra = {"actions_used": float((fractions > 0.01).sum()), "action_entropy_nats": entropy,
+                 **{f"action_{i}_fraction": float(f) for i, f in enumerate(fractions)}}
+        return setup.finish_training(STAGE, result, layout, run, layout.model("lam"), extra)
