@@ -22,6 +22,7 @@ def main(name: str) -> None:
         end=spec.get("end"),
         grayscale=spec.get("grayscale", False),
         allow_partial=spec.get("allow_partial", False),
+        drop_idle=spec.get("drop_idle"),
         progress=False,
     )
     print(f"ingest@{name}: {report.summary()}")

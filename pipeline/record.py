@@ -16,6 +16,9 @@ def main(name: str) -> None:
         seed=spec.get("seed", 0),
         action_repeat=spec.get("action_repeat", 4),
         stickiness=spec.get("stickiness", 0.8),
+        policy=spec.get("policy", "sticky_random"),
+        # Lives and the player's position: evaluate scores the latent actions against the moves.
+        record_state=True,
     )
     print(f"record@{name}: {result.frames} frames -> {result.video}")
 

@@ -11,7 +11,8 @@ import pytest
 import zarr
 
 import tinyworlds
-from tests.conftest import PALETTE, VP9, nearest_colour, solid_frames
+from tests.conftest import PALETTE, VP9, nearest_colour, solid_frames, write_video
+from tinyworlds.core.errors import TinyWorldsError
 from tinyworlds.data.ingest import ingest
 from tinyworlds.data.stores import open_frame_store
 
@@ -240,3 +241,135 @@ def test_summary_is_one_line(make_video, tmp_path):
     report = ingest(make_video("c.mp4", n=30), tmp_path / "out.zarr", progress=False)
     line = report.summary()
     assert "\n" not in line and "15 frames" in line and str(report.out) in line
+
+
+def _state_sidecar(path, frames: int, fps: float = 60.0):
+    """A sidecar with the player's position (a null every 7th frame), as `record_state` writes it."""
+    actions = [(j // 3) % 4 for j in range(frames)]
+    positions = [None if j % 7 == 3 else 40.0 + j for j in range(frames)]
+    doc = {"game": "pong", "fps": fps, "frames": frames, "action_meanings": ["NOOP", "FIRE", "RIGHT", "LEFT"],
+           "actions": actions, "lives": [0] * frames, "player_axis": "y", "player_range": [38, 203],
+           "player_position": positions}
+    path.write_text(json.dumps(doc))
+    return np.array(actions), np.array([np.nan if p is None else p for p in positions], np.float32)
+
+
+@pytest.mark.parametrize("out_name", ["out.zarr", "out.h5"])
+def test_player_position_is_stored_aligned_with_actions(make_video, tmp_path, out_name):
+    source = make_video("game.mp4", n=120, fps=60)
+    actions, positions = _state_sidecar(tmp_path / "game.true_actions.json", 120)
+    report = ingest(source, tmp_path / out_name, size=8, fps=15, progress=False)
+    picked = 4 * np.arange(30)  # output i <- source frame 4i, for the actions and the positions alike
+    if out_name.endswith(".zarr"):
+        group = zarr.open_group(str(report.out), mode="r")
+        stored, axis, names = group["player_position"][:], group.attrs["player_axis"], set(group.keys())
+    else:
+        with h5py.File(report.out, "r") as f:
+            stored, axis, names = f["player_position"][:], f.attrs["player_axis"], set(f.keys())
+    assert stored.dtype == np.float32 and stored.shape == (30,) and axis == "y"
+    np.testing.assert_array_equal(stored, positions[picked])  # NaN where the sidecar had null
+    assert np.isnan(stored).sum() == np.isnan(positions[picked]).sum() > 0
+    assert "segment" not in names
+    with open_frame_store(report.out) as store:
+        np.testing.assert_array_equal(store.true_actions, actions[picked])
+
+
+def test_player_position_follows_start_and_resampling(make_video, tmp_path):
+    source = make_video("game.mkv", n=120, fps=60, codec="ffv1")
+    _, positions = _state_sidecar(tmp_path / "game.true_actions.json", 120)
+    report = ingest(source, tmp_path / "out.zarr", size=8, fps=20, start=1.0, progress=False)
+    stored = zarr.open_group(str(report.out), mode="r")["player_position"][:]
+    np.testing.assert_array_equal(stored, positions[60 + 3 * np.arange(20)])
+
+
+def test_older_sidecar_stores_no_position(make_video, tmp_path):
+    source = make_video("game.mp4", n=60, fps=60)
+    _sidecar(tmp_path / "game.true_actions.json", 60)
+    report = ingest(source, tmp_path / "out.zarr", size=8, fps=15, progress=False)
+    group = zarr.open_group(str(report.out), mode="r")
+    assert set(group.keys()) == {"frames", "true_actions"}
+    assert "player_axis" not in group.attrs and "drop_idle" not in group.attrs
+
+
+@pytest.mark.parametrize("doc_update, needle", [
+    ({"player_position": [1.0, 2.0]}, "player_position must list a number or null for each of the 8 frames"),
+    ({"player_position": [True] * 8}, "player_position must list a number or null"),
+    ({"player_position": [1.0] * 8, "player_axis": "z"}, "player_axis must be"),
+    ({"player_position": [1.0] * 8}, "player_axis must be"),
+])
+def test_bad_position_sidecar(make_video, tmp_path, doc_update, needle):
+    source = make_video("game.mp4", n=8, fps=60)
+    doc = {"game": "pong", "fps": 60.0, "frames": 8, "action_meanings": ["NOOP"], "actions": [0] * 8, **doc_update}
+    (tmp_path / "game.true_actions.json").write_text(json.dumps(doc))
+    with pytest.raises(TinyWorldsError) as err:
+        ingest(source, tmp_path / "out.zarr", size=8, fps=15, progress=False)
+    assert needle in str(err.value) and "\n" not in str(err.value)
+
+
+def _idle_clip(path, sidecar_path):
+    """15 fps, 64x64: a square moving for 20 frames, 40 copies of the last one, moving again for 20.
+
+    The sidecar (15 fps, so source frame j is output frame j) labels frame j with action j % 4
+    and position j, so a stored frame's action and position tell which source frame it is.
+    """
+    frames = []
+    for j in range(80):
+        x = 2 * min(j, 19) if j < 60 else 38 + 2 * (j - 59) - 40
+        image = np.full((64, 64, 3), 30, np.uint8)
+        image[20:36, x + 4 : x + 20] = (230, 230, 40)
+        frames.append(image)
+    write_video(path, frames, fps=15, codec="ffv1", pix_fmt="yuv444p")
+    doc = {"game": "synthetic", "fps": 15.0, "frames": 80, "action_meanings": ["A", "B", "C", "D"],
+           "actions": [j % 4 for j in range(80)], "player_axis": "x", "player_position": [float(j) for j in range(80)]}
+    sidecar_path.write_text(json.dumps(doc))
+    return np.stack(frames)
+
+
+@pytest.mark.parametrize("drop_idle, kept", [
+    (5, list(range(25)) + list(range(60, 80))),  # the first 5 of the 40 idle frames stay
+    (0, list(range(20)) + list(range(60, 80))),  # every idle frame goes
+    (40, list(range(80))),  # a run of exactly 40 is not more than 40: nothing dropped
+])
+def test_drop_idle_keeps_alignment_and_marks_segments(tmp_path, drop_idle, kept):
+    source = tmp_path / "idle.mkv"
+    _idle_clip(source, tmp_path / "idle.true_actions.json")
+    full = ingest(source, tmp_path / "full.zarr", size=32, fps=15, progress=False)
+    report = ingest(source, tmp_path / "dropped.zarr", size=32, fps=15, drop_idle=drop_idle, progress=False)
+    assert full.frames == 80 and report.frames == len(kept) and report.frames_dropped_idle == 80 - len(kept)
+    kept = np.array(kept)
+    group = zarr.open_group(str(report.out), mode="r")
+    whole = zarr.open_group(str(full.out), mode="r")
+    np.testing.assert_array_equal(group["frames"][:], whole["frames"][:][kept])
+    np.testing.assert_array_equal(group["true_actions"][:], kept % 4)
+    np.testing.assert_array_equal(group["player_position"][:], kept.astype(np.float32))
+    cut = np.concatenate([[0], np.cumsum(np.diff(kept) > 1)])  # a new segment after each gap
+    assert group["segment"].dtype == np.int32
+    np.testing.assert_array_equal(group["segment"][:], cut)
+    attrs = group.attrs
+    assert (attrs["drop_idle"], attrs["frames_dropped_idle"], attrs["frames"]) == (drop_idle, 80 - len(kept), len(kept))
+    assert attrs["idle_tolerance"] == 8
+    assert "segment" not in whole and "drop_idle" not in whole.attrs
+    assert "idle frames dropped" in report.summary()
+
+
+def test_drop_idle_h264_and_hdf5(tmp_path):
+    # Lossy H.264 (what `tinyworlds record` writes) leaves still frames within the tolerance.
+    source = tmp_path / "idle.mp4"
+    frames = _idle_clip(tmp_path / "idle.mkv", tmp_path / "idle.true_actions.json")
+    write_video(source, list(frames), fps=15)
+    report = ingest(source, tmp_path / "out.h5", size=32, fps=15, drop_idle=3,
+                    actions=tmp_path / "idle.true_actions.json", progress=False)
+    assert report.frames == 80 - 37
+    with h5py.File(report.out, "r") as f:
+        np.testing.assert_array_equal(f["segment"][:], [0] * 23 + [1] * 20)
+        np.testing.assert_array_equal(f["player_position"][:], list(range(23)) + list(range(60, 80)))
+        assert f.attrs["frames_dropped_idle"] == 37
+
+
+@pytest.mark.parametrize("value", [-1, 1.5, True, "3", float("nan")])
+def test_bad_drop_idle(make_video, tmp_path, value):
+    source = make_video("c.mp4", n=10)
+    with pytest.raises(TinyWorldsError) as err:
+        ingest(source, tmp_path / "out.zarr", drop_idle=value, progress=False)
+    assert f"drop_idle={value!r}" in str(err.value) and "\n" not in str(err.value)
+    assert not (tmp_path / "out.zarr").exists()

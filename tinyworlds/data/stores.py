@@ -1,7 +1,8 @@
 """Open frame stores for reading: a zarr v3 group or an HDF5 file written by `ingest`.
 
-Both hold `frames` (uint8 [N, H, W, C], H = W) and, when ground-truth actions were
-ingested, `true_actions` (int16 [N]); their attributes are described in `tinyworlds.data.ingest`.
+Both hold `frames` (uint8 [N, H, W, C], H = W) and, when the source's sidecar had them,
+`true_actions` (int16 [N]) and `player_position` (float32 [N]), and with ingest's drop_idle
+`segment` (int32 [N]); their attributes are described in `tinyworlds.data.ingest`.
 A plain TinyWorlds HDF5 file (only a `frames` dataset, no attributes) opens too, with
 `fps` None.
 
@@ -149,13 +150,16 @@ class LazyFrames:
 class FrameStore:
     """A frame store opened for reading; see `open_frame_store`."""
 
-    def __init__(self, path: Path | str, kind: str, shape: tuple[int, ...], true_actions: np.ndarray | None, attrs: dict,
-                 storage_options: dict | None = None):
+    def __init__(self, path: Path | str, kind: str, shape: tuple[int, ...], per_frame: dict[str, np.ndarray],
+                 attrs: dict, storage_options: dict | None = None):
         self.path = path  # a Path, or a URL string
         self.kind = kind
         self.storage_options = storage_options
         self.frames = LazyFrames(path, kind, shape, storage_options)  # [N, H, W, C] uint8, read on slicing
-        self.true_actions = true_actions  # [N] int16, or None without ground-truth actions
+        # Each [N] or None where the store lacks it (the recording's sidecar did not know it).
+        self.true_actions = per_frame.get("true_actions")  # int16: the recorded action at each frame
+        self.player_position = per_frame.get("player_position")  # float32: the player's coordinate, NaN unknown
+        self.segment = per_frame.get("segment")  # int32: a new id after each cut made by drop_idle
         self.attrs = attrs
 
     def __len__(self) -> int:
@@ -204,10 +208,14 @@ def _check_frames(path: Path, shape: tuple[int, ...], dtype: np.dtype) -> None:
         )
 
 
-def _check_true_actions(path: Path, true_actions: np.ndarray | None, n: int) -> np.ndarray | None:
-    if true_actions is not None and true_actions.shape != (n,):
-        raise TinyWorldsError(f"{path}: `true_actions` has shape {list(true_actions.shape)}, expected [{n}] (one per frame)")
-    return true_actions
+PER_FRAME_ARRAYS = ("true_actions", "player_position", "segment")  # besides `frames`, each [N]
+
+
+def _check_per_frame(path: Path, per_frame: dict[str, np.ndarray], n: int) -> dict[str, np.ndarray]:
+    for name, values in per_frame.items():
+        if values.shape != (n,):
+            raise TinyWorldsError(f"{path}: `{name}` has shape {list(values.shape)}, expected [{n}] (one per frame)")
+    return per_frame
 
 
 def open_frame_store(path: Location, storage_options: dict | None = None) -> FrameStore:
@@ -226,14 +234,14 @@ def open_frame_store(path: Location, storage_options: dict | None = None) -> Fra
                 raise TinyWorldsError(f"{path}: zarr group has no `frames` array")
             frames = group["frames"]
             shape, dtype = tuple(frames.shape), np.dtype(frames.dtype)
-            true_actions = group["true_actions"][:] if "true_actions" in group else None
+            per_frame = {name: group[name][:] for name in PER_FRAME_ARRAYS if name in group}
             attrs = dict(group.attrs)
         else:
             with open_hdf5(path, storage_options) as f:
                 if not isinstance(f.get("frames"), h5py.Dataset):
                     raise TinyWorldsError(f"{path}: HDF5 file has no `frames` dataset")
                 shape, dtype = tuple(f["frames"].shape), f["frames"].dtype
-                true_actions = f["true_actions"][:] if "true_actions" in f else None
+                per_frame = {name: f[name][:] for name in PER_FRAME_ARRAYS if name in f}
                 attrs = {k: _plain(v) for k, v in f.attrs.items()}
     except TinyWorldsError:
         raise
@@ -241,7 +249,7 @@ def open_frame_store(path: Location, storage_options: dict | None = None) -> Fra
         detail = " ".join(str(err).split())
         raise TinyWorldsError(f"{path}: cannot read frame store ({type(err).__name__}: {detail})") from None
     _check_frames(path, shape, dtype)
-    return FrameStore(path, kind, shape, _check_true_actions(path, true_actions, shape[0]), attrs, storage_options)
+    return FrameStore(path, kind, shape, _check_per_frame(path, per_frame, shape[0]), attrs, storage_options)
 
 
 def file_sha256(path: str | Path) -> str:
