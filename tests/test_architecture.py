@@ -96,7 +96,8 @@ def test_stage_code_deps_are_exactly_what_its_script_imports(name):
     assert script in stage["deps"], f"dvc.yaml: stage {name} does not list its own script {script}"
     missing, extra = sorted(needed - listed), sorted(listed - needed)
     assert not missing and not extra, (
-        f"dvc.yaml: stage {name}'s code deps drifted: missing {missing}, not imported {extra}; it should list\n"
+        f"dvc.yaml: stage {name}'s code deps drifted: missing {missing}, not imported {extra} "
+        "(`python tests/test_architecture.py` rewrites them); it should list\n"
         + "\n".join(f"      - {d}" for d in sorted(needed)))
 
 
@@ -105,3 +106,31 @@ def test_every_stage_script_exists_and_is_thin():
         script = REPO / next(w for w in shlex.split(stage["cmd"]) if w.startswith("pipeline/"))
         assert script.is_file(), f"stage {name}: {script} is missing"
         assert len(script.read_text().splitlines()) <= 40, f"{script}: a stage entry point stays thin"
+
+
+def write_code_deps(path: Path = REPO / "dvc.yaml") -> None:
+    """Rewrite every stage's tinyworlds/ deps in dvc.yaml to what its script imports, in place,
+    keeping the other deps, the comments and the layout: `python tests/test_architecture.py`."""
+    wanted = {name: sorted(code_deps(REPO / next(w for w in shlex.split(stage["cmd"]) if w.startswith("pipeline/"))))
+              for name, stage in stages().items()}
+    lines, out, stage, i = path.read_text().splitlines(keepends=True), [], None, 0
+    while i < len(lines):
+        line = lines[i]
+        if line.startswith("  ") and not line.startswith("   ") and line.rstrip().endswith(":"):
+            stage = line.strip()[:-1]
+        out.append(line)
+        i += 1
+        if line.strip() == "deps:" and stage in wanted:
+            item = " " * (len(line) - len(line.lstrip()) + 2) + "- "
+            block = []
+            while i < len(lines) and lines[i].startswith(item):
+                block.append(lines[i])
+                i += 1
+            out += [b for b in block if not b[len(item):].startswith("tinyworlds/")]
+            out += [f"{item}{dep}\n" for dep in wanted[stage]]
+    path.write_text("".join(out))
+
+
+if __name__ == "__main__":
+    write_code_deps()
+    print("dvc.yaml: code deps rewritten from the imports")

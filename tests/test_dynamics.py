@@ -329,3 +329,21 @@ def test_config_errors_name_the_field(overrides, message):
     with pytest.raises(TinyWorldsError) as err:
         DynamicsConfig(**{**TINY, **overrides})
     assert str(err.value).startswith(message)
+
+
+def test_tokens_that_change_weigh_change_weight():
+    torch.manual_seed(0)
+    tokens = torch.randint(0, V, (2, 3, P))
+    tokens[:, 1:, : P // 2] = tokens[:, :1, : P // 2]  # half the patches never change
+    actions = torch.randint(0, A, (2, 2))
+    plain, heavy = (DynamicsModel(DynamicsConfig(**TINY, change_weight=w, mask_ratio_min=1.0)) for w in (1.0, 9.0))
+    heavy.load_state_dict(plain.state_dict())
+    torch.manual_seed(1)
+    plain_loss, metrics = plain.loss(tokens, actions)
+    torch.manual_seed(1)
+    heavy_loss, _ = heavy.loss(tokens, actions)
+    # Every token masked (mask ratio 1): the plain loss is the mean CE, the heavy one leans on
+    # the changing half, so the two differ, and changed_accuracy reports that half alone.
+    assert not torch.isclose(plain_loss, heavy_loss) and 0 <= metrics["changed_accuracy"] <= 1
+    with pytest.raises(TinyWorldsError, match="change_weight"):
+        DynamicsConfig(**TINY, change_weight=0.5)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 from pathlib import Path
@@ -17,6 +18,8 @@ from tinyworlds.core.errors import TinyWorldsError
 from tinyworlds.core.params import Layout
 from tinyworlds.data.clips import SplitConfig
 from tinyworlds.evaluation.evaluate import (
+    CONDITIONS,
+    PSNR_CAP,
     EvaluateConfig,
     dynamics_metrics,
     evaluate,
@@ -24,7 +27,7 @@ from tinyworlds.evaluation.evaluate import (
     held_out_clips,
 )
 from tinyworlds.inference.world import GenerationSettings, WorldModel
-from tinyworlds.metrics import finite_mean, psnr
+from tinyworlds.metrics import objects as O
 from tinyworlds.models import TokenizerConfig, VideoTokenizer
 from tinyworlds.models.checkpoint import save_model
 from tinyworlds.models.dynamics import DynamicsConfig, DynamicsModel
@@ -41,26 +44,30 @@ PARAMS = {
     "train": {"device": "cpu"},
     "tracking": {"experiment": "tinyworlds", "uri": None},
     "evaluate": {"max_clips": 3, "horizon": 3, "delta_psnr_horizon": 2, "steps": 2, "throughput_reps": 1,
-                 "video_clips": 2, "video_scale": 2, "video_fps": 5},
+                 "bootstrap_resamples": 200, "video_clips": 2, "video_frames": 3, "video_scale": 2, "video_fps": 5},
 }
 
 
-def square_video(actions: np.ndarray) -> np.ndarray:
-    """A bright square on a dark field, moved up/down by the actions: [N, 16, 16, 3] uint8."""
+def square_video(actions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A bright square on a dark field, moved up/down by the actions: frames [N, 16, 16, 3]
+    uint8 and the square's row [N] (the player's position)."""
     frames = np.full((len(actions), 16, 16, 3), 20, dtype=np.uint8)
+    rows = np.zeros(len(actions), dtype=np.float32)
     y = 6
     for t, action in enumerate(actions):
         frames[t, y : y + 4, 6:10] = 230
+        rows[t] = y
         y = int(np.clip(y + {0: 0, 1: -1, 2: 1}[int(action)], 0, 12))
-    return frames
+    return frames, rows
 
 
 def write_store(root: Path, name: str, actions: np.ndarray | None) -> None:
     group = zarr.open_group(str(Layout(root).frames(name)), mode="w")
-    frames = square_video(actions if actions is not None else np.zeros(FRAMES, dtype=np.int64))
+    frames, rows = square_video(actions if actions is not None else np.zeros(FRAMES, dtype=np.int64))
     group.create_array("frames", data=frames, chunks=(64, 16, 16, 3))
     if actions is not None:
         group.create_array("true_actions", data=actions.astype(np.int16))
+        group.create_array("player_position", data=rows)
         group.attrs["action_meanings"] = MEANINGS
     latent = PERMUTATION[actions] if actions is not None else np.arange(FRAMES) % 4
     latent = np.append(latent[:-1], -1).astype(np.int16)  # the last frame has no transition
@@ -105,69 +112,114 @@ def evaluated(project, tmp_path_factory):
 def test_writes_every_metric_finite_to_the_json(project, evaluated):
     written = json.loads(Layout(project).metrics("evaluate").read_text())
     assert written == json.loads(json.dumps(evaluated))
+    objects = ("tokenizer.fg_psnr", "tokenizer.fg_recall", "tokenizer.fg_recall_low", "tokenizer.fg_recall_high",
+               "dynamics.next_frame.fg_psnr", "dynamics.delta_fg_psnr", "headline.tokenizer_fg_recall",
+               "headline.rollout_minus_copy_fg_psnr_min")
     for name in ("pong", "plain", "mean"):
         flat = flatten(written[name])
-        for key in ("tokenizer.psnr", "tokenizer.ssim", "tokenizer.codebook_used", "tokenizer.codebook_perplexity",
-                    "lam.entropy_nats", "lam.perplexity", "lam.usage.0", "lam.usage.3",
-                    "dynamics.next_frame_psnr", "dynamics.next_frame_ssim", "dynamics.reconstruction_ceiling_psnr",
-                    "dynamics.rollout_psnr.h1", "dynamics.rollout_psnr.h3", "dynamics.copy_last_psnr.h3",
-                    "dynamics.random_actions_psnr.h3", "dynamics.copy_last_tokens_psnr.h3", "dynamics.delta_psnr",
-                    "dynamics.delta_psnr_usage"):
+        for key in ("tokenizer.psnr", "tokenizer.ssim", "tokenizer.codebook_used", "lam.entropy_nats",
+                    "lam.perplexity", "lam.usage.0", "lam.usage.3", "dynamics.next_frame.psnr",
+                    *(objects if name == "pong" else ())):
             assert math.isfinite(flat[key]), f"{name}.{key} = {flat[key]}"
+        for condition in ("rollout", "random_ids", "copy_last_frame", "copy_tokens", "tokenizer_ceiling"):
+            for horizon in ("h1", "h3"):
+                assert math.isfinite(flat[f"dynamics.{condition}.psnr.{horizon}"]), (name, condition, horizon)
         assert 0 < flat["tokenizer.codebook_used"] <= 1 and -1 <= flat["tokenizer.ssim"] <= 1
+    pong = written["pong"]["tokenizer"]
+    assert pong["fg_recall_low"] <= pong["fg_recall"] <= pong["fg_recall_high"]
+    # A square that never moves is background: nothing to recall, and whatever the untrained
+    # tokenizer draws there is a ghost.
+    plain = written["plain"]["tokenizer"]
+    assert math.isnan(plain["fg_recall"]) and plain["fg_precision"] == 0.0
     assert written["pong"]["clips"] == 3
     throughput = written["throughput"]
     assert throughput["batch_1_frames_per_s"] > 0 and throughput["batch_8_frames_per_s"] > 0
     assert throughput["device"].startswith("cpu")
 
 
-def test_action_metrics_against_ground_truth(evaluated):
+def test_every_held_out_clip_by_default(project):
+    split = SplitConfig(**PARAMS["data"]["split"])
+    every = held_out_clips(Layout(project).frames("pong"), split, clip_len=6, frame_skip=1, max_clips=None)
+    assert every.frames.shape[0] == 40 // 6  # validation frames 160..199, non-overlapping clips of 6
+
+
+def test_lam_metrics_against_true_actions_and_moves(evaluated):
     pong = evaluated["pong"]["lam"]
     # The synthetic LAM is a relabelling of the true actions: perfect NMI and mapping.
     assert pong["nmi"] == pytest.approx(1.0) and pong["mapping_accuracy"] == 1.0
     assert pong["usage"]["1"] == 0.0 and sum(pong["usage"].values()) == pytest.approx(1.0)
+    assert pong["used_ids"] == 3
     true_val = np.random.default_rng(0).choice(3, size=FRAMES, p=[0.5, 0.3, 0.2])[160:199]  # transitions 160..198
     assert pong["chance_accuracy"] == pytest.approx(np.bincount(true_val).max() / len(true_val))
-    assert "nmi" not in evaluated["plain"]["lam"]  # no ground truth there
+    # UP moves the square up, DOWN down: the LAM's ids for them are the two directions.
+    assert pong["directions_separated"] == 1.0
+    assert (pong["id_for_negative_move"], pong["id_for_positive_move"]) == (PERMUTATION[1], PERMUTATION[2])
+    assert 0 < pong["nmi_ceiling"] <= 1 and pong["nmi_over_ceiling"] >= 1
+    assert "nmi" not in evaluated["plain"]["lam"] and "nmi_displacement" not in evaluated["plain"]["lam"]
     assert "nmi" not in evaluated["mean"]["lam"]
     assert evaluated["plain"]["lam"]["entropy_nats"] == pytest.approx(math.log(4), abs=0.01)
 
 
 def pong_clips(project: Path) -> torch.Tensor:
     split = SplitConfig(**PARAMS["data"]["split"])
-    return held_out_clips(Layout(project).frames("pong"), split, clip_len=6, frame_skip=1, max_clips=3).frames
+    return held_out_clips(Layout(project).frames("pong"), split, clip_len=6, frame_skip=1, max_clips=3)
 
 
-def test_copy_last_baseline_is_exact_on_the_clips(project, evaluated):
-    clips = pong_clips(project)  # [3, 6, C, H, W]: context 0..2, future 3..5
-    expected = finite_mean(psnr(clips[:, 2], clips[:, 5], dims=(1, 2, 3)))
-    assert evaluated["pong"]["dynamics"]["copy_last_psnr"]["h3"] == pytest.approx(expected)
+def capped_psnr(error: float) -> float:
+    return min(10 * math.log10(255**2 / error), PSNR_CAP) if error > 0 else PSNR_CAP
 
 
-def test_teacher_forced_first_frame_is_the_rollouts_first_frame(project):
+def test_copy_last_frame_floor_is_scored_on_the_objects(project, evaluated):
+    held = pong_clips(project)  # frames [3, 6, C, H, W]: context 0..2, future 3..5
+    clips, copy = held.frames, evaluated["pong"]["dynamics"]["copy_last_frame"]
+    moved = 0
+    for h in (1, 2, 3):
+        last, truth = clips[:, 2], clips[:, 2 + h]
+        scores = O.foreground_scores(last.permute(0, 2, 3, 1).numpy(), truth.permute(0, 2, 3, 1).numpy(), held.background)
+        fg_error = scores["fg_sq_error_sum"].sum() / max(scores["fg_count"].sum(), 1)
+        error = float(((last.double() - truth.double()) ** 2).mean())
+        assert copy["fg_psnr"][f"h{h}"] == pytest.approx(capped_psnr(fg_error))
+        assert copy["psnr"][f"h{h}"] == pytest.approx(capped_psnr(error))
+        if error > 0:  # the moving square costs more on the objects than over the static field
+            moved += 1
+            assert copy["fg_psnr"][f"h{h}"] < copy["psnr"][f"h{h}"]
+    assert moved > 0
+
+
+def test_rollout_and_baselines_line_up_with_the_truth(project):
     world = WorldModel.load(Layout(project).model("tokenizer").parent, device="cpu")
-    clips = pong_clips(project)
-    tokens = world.encode(clips)
+    held = pong_clips(project)
+    tokens = world.encode(held.frames)
     recon = world.decode(tokens)
     config = EvaluateConfig(**{**PARAMS["evaluate"], "batch_size": 2})  # several batches
     only_action_1 = torch.tensor([0.0, 1.0, 0.0, 0.0])
-    scores, out = dynamics_metrics(world, clips, tokens, recon, only_action_1, config, 3,
-                                   GenerationSettings(steps=2, temperature=0.0))
-    assert torch.equal(out["teacher_forced"][:, 0], out["predicted"][:, 0])
-    assert (out["usage_actions"] == 1).all()  # drawn only from the actions the LAM uses
+    scores, rows, out = dynamics_metrics(world, "pong", held, tokens, recon, only_action_1, config, 3,
+                                         GenerationSettings(steps=2, temperature=0.0))
+    assert (out["random_ids"] == 1).all()  # drawn only from the ids the LAM uses
+    assert {(r["condition"], r["horizon"]) for r in rows} == {(c, h) for c in CONDITIONS for h in (1, 2, 3)}
+    ceiling = scores["tokenizer_ceiling"]["psnr"]["h2"]
+    expected = 10 * math.log10(255**2 / float(((recon[:, 4].double() - held.frames[:, 4].double()) ** 2).mean()))
+    assert ceiling == pytest.approx(expected)
     copied = world.decode(torch.cat([tokens[:, :3], tokens[:, 2:3].expand(-1, 3, -1)], dim=1))[:, 3:]
-    assert scores["copy_last_tokens_psnr"]["h2"] == pytest.approx(finite_mean(psnr(copied[:, 1], clips[:, 4], dims=(1, 2, 3))))
-    assert scores["rollout_psnr"]["h1"] == pytest.approx(finite_mean(psnr(out["predicted"][:, 0], clips[:, 3], dims=(1, 2, 3))))
-    assert scores["reconstruction_ceiling_psnr"] == pytest.approx(finite_mean(psnr(recon[:, 3:], clips[:, 3:], dims=(2, 3, 4))))
+    assert torch.equal(out["copy_tokens"], copied)
+    assert scores["delta_fg_psnr_low"] <= scores["delta_fg_psnr"] <= scores["delta_fg_psnr_high"]
+
+
+def test_horizon_curves_for_dvc_plots(project, evaluated):
+    rows = list(csv.DictReader(Layout(project).metrics_table("evaluate", "horizons").open()))
+    assert {(r["dataset"], r["condition"]) for r in rows} == {(d, c) for d in ("pong", "plain") for c in CONDITIONS}
+    rollout_h2 = next(r for r in rows if (r["dataset"], r["condition"], r["horizon"]) == ("pong", "rollout", "2"))
+    assert float(rollout_h2["fg_psnr"]) == pytest.approx(evaluated["pong"]["dynamics"]["rollout"]["fg_psnr"]["h2"])
 
 
 def test_mlflow_run_has_metrics_grid_and_videos_that_decode(project, evaluated):
     client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("tinyworlds")
     (run,) = client.search_runs([experiment.experiment_id], "tags.`tinyworlds.stage` = 'evaluate'")
-    assert run.data.metrics["pong.dynamics.rollout_psnr.h1"] == pytest.approx(evaluated["pong"]["dynamics"]["rollout_psnr"]["h1"])
+    assert run.data.metrics["pong.headline.tokenizer_fg_recall"] == pytest.approx(
+        evaluated["pong"]["headline"]["tokenizer_fg_recall"])
     assert run.data.tags["tinyworlds.device"].startswith("cpu")
-    history = client.get_metric_history(run.info.run_id, "pong.rollout_psnr_by_horizon")
+    history = client.get_metric_history(run.info.run_id, "pong.rollout.fg_psnr_by_horizon")
     assert [m.step for m in history] == [1, 2, 3]
     names = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"pong_real_reconstruction_prediction.png", "evaluate.json", "rollouts"} <= names
@@ -176,7 +228,7 @@ def test_mlflow_run_has_metrics_grid_and_videos_that_decode(project, evaluated):
     local = client.download_artifacts(run.info.run_id, "rollouts/pong_rollout.mp4", str(project))
     with av.open(local) as container:
         frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
-    assert len(frames) == 6  # context 3 + horizon 3
+    assert len(frames) == 6  # context 3 + video_frames 3
     assert frames[0].shape[0] == 2 * (32 + 15) + 2  # two clips, each 2x upscaled over a label strip
     assert frames[0].shape[1] == 3 * 32 + 2 * 2  # real | LAM actions | random actions, 2x upscaled
 
@@ -189,3 +241,23 @@ def test_bad_settings_are_one_line_errors(project):
     with pytest.raises(TinyWorldsError, match="no validation clip of 60 frames"):
         held_out_clips(Layout(project).frames("pong"), SplitConfig(**PARAMS["data"]["split"]),
                        clip_len=60, frame_skip=1, max_clips=3)
+
+
+def test_results_table_says_which_goals_each_dataset_meets(project, evaluated):
+    from typer.testing import CliRunner
+
+    from tinyworlds.apps.cli import app
+    from tinyworlds.evaluation.goals import GOALS, goals_table
+
+    table = goals_table(evaluated)
+    assert table.splitlines()[0] == "| goal | plain | pong |" and len(table.splitlines()) == 2 + len(GOALS)
+    assert "n/a" in table.splitlines()[3]  # plain has no recorded actions: its LAM goals cannot be judged
+    good = {"pong": {"headline": {"tokenizer_fg_recall": 0.97, "tokenizer_fg_psnr": 26.0, "lam_nmi_displacement": 0.7,
+                                  "lam_directions_separated": 1.0, "lam_nmi": 0.3, "lam_nmi_ceiling": 0.4,
+                                  "lam_nmi_over_ceiling": 0.75, "rollout_minus_copy_fg_psnr_min": 0.5,
+                                  "delta_fg_psnr": 1.5, "delta_fg_psnr_low": 0.4}}}
+    assert all(line.endswith(": yes |") for line in goals_table(good).splitlines()[2:])
+    result = CliRunner().invoke(app, ["results", "--metrics", str(Layout(project).metrics("evaluate"))])
+    assert result.exit_code == 0 and result.output.strip() == table
+    missing = CliRunner().invoke(app, ["results", "--metrics", str(project / "nope.json")])
+    assert missing.exit_code == 1 and "no evaluation yet" in missing.output

@@ -184,3 +184,18 @@ def test_config_errors_name_the_field(overrides, message):
 def test_single_frame_clip_is_a_clear_error():
     with pytest.raises(TinyWorldsError, match=">= 2 frames"):
         tiny_lam().loss(moving_squares()[:, :1])
+
+
+def test_changed_pixels_weigh_change_weight_and_residual_starts_by_copying():
+    model = tiny_lam(change_weight=5.0, residual=True)
+    frames = moving_squares(batch=2, frames=3)  # [B, T, C, H, W] in [-1, 1]
+    weights = model.change_weights(frames)  # [B, T-1, 1, H, W]
+    moved = ((frames[:, 1:] - frames[:, :-1]).abs().amax(dim=2, keepdim=True) > 24 / 127.5)
+    assert weights.shape == (2, 2, 1, 16, 16) and moved.any()
+    assert torch.equal(weights, 1 + 4 * moved.float())
+    codes = model.fsq(model.latents(frames))
+    # The change head starts at zero: the untrained residual decoder copies frame t.
+    assert torch.equal(model.predict(frames[:, :-1], codes), frames[:, :-1])
+    loss, metrics = model.loss(frames)
+    assert "change_mse" in metrics and metrics["change_mse"] > metrics["recon_mse"]
+    assert torch.isfinite(loss)

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from tinyworlds.core.errors import TinyWorldsError
 from tinyworlds import metrics as M
-from tinyworlds.evaluation import objects as O
+from tinyworlds.core.errors import TinyWorldsError
+from tinyworlds.metrics import objects as O
 
 BALL = np.array([90, 90, 90], dtype=np.uint8)  # 50 above the background in every channel
 
@@ -52,9 +52,22 @@ def test_background_is_recovered_under_a_moving_ball_and_the_mask_finds_only_the
 
 def test_background_subsamples_frames_evenly():
     frames = np.broadcast_to(np.arange(10, dtype=np.uint8)[:, None, None, None], (10, 2, 2, 1))
-    # All frames: lower median of 0..9 is 4. Three frames: 0, 3, 6 (i * 10 // 3) -> 3.
+    # All frames: lower median of 0..9 is 4. At most three frames: every 4th, 0, 4, 8 -> 4;
+    # at most two: every 5th, 0, 5 -> 0.
     assert O.background_frame(frames)[0, 0, 0] == 4
-    assert O.background_frame(frames, max_frames=3)[0, 0, 0] == 3
+    assert O.background_frame(frames, max_frames=3)[0, 0, 0] == 4
+    assert O.background_frame(frames, max_frames=2)[0, 0, 0] == 0
+
+
+def test_background_reads_only_the_frames_it_uses():
+    class Lazy:  # a store array: slicing reads, anything else would read the whole video
+        shape = (1000, 2, 2, 1)
+
+        def __getitem__(self, index):
+            assert index == slice(None, None, 100), index
+            return np.zeros((10, 2, 2, 1), np.uint8)
+
+    assert O.background_frame(Lazy(), max_frames=10).shape == (2, 2, 1)
 
 
 def test_erased_ball_scores_high_whole_frame_psnr_but_low_foreground_psnr_and_zero_recall():

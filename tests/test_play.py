@@ -32,6 +32,7 @@ from tinyworlds.apps.cli import app as cli_app
 from tinyworlds.apps.play import KeyMap, build_app, make_server
 from tinyworlds.apps.play.server import start_message
 from tinyworlds.core.errors import TinyWorldsError
+from tinyworlds.inference.latent_actions import NAMES_FILE
 from tinyworlds.inference.world import GenerationSettings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -41,6 +42,10 @@ REPO = Path(__file__).resolve().parents[1]
 def server(tmp_path):
     """A play server on a free loopback port, serving the tiny models; yields its base URL."""
     root = make_project(tmp_path)
+    # What train_lam writes beside the LAM: each id's most common true action, per dataset.
+    names = {"names": ["NOOP", "UP", "DOWN", None], "share": [0.9, 0.8, 0.7, 0.0]}
+    (root / "data" / "models" / "lam" / NAMES_FILE).write_text(
+        json.dumps({"usage": [0.4, 0.3, 0.3, 0.0], "datasets": {"pong": names}}))
     play = build_app(models=root / "data" / "models", device="cpu", root=root, settings=GenerationSettings(seed=0),
                      say=lambda line: None)
     httpd = make_server(play, "127.0.0.1", 0)
@@ -86,6 +91,7 @@ def test_api_reset_step_and_errors(server):
     status, info = call(server + "api/info")
     assert status == 200 and info["num_actions"] == NUM_ACTIONS and info["frame_size"] == SIZE
     assert info["keys"]["1"] == 0 and info["keys"]["ArrowRight"] == 3 and info["keys"]["d"] == 3
+    assert info["action_labels"] == ["NOOP (pong)", "UP (pong)", "DOWN (pong)", "unused"]
 
     status, game = call(server + "api/reset", {})
     assert status == 200 and game["count"] == 0 and game["start"].startswith("pong@")
@@ -115,8 +121,8 @@ def test_session_steps_match_one_rollout(tmp_path):
     """Frame-by-frame play keeps the tokens, so it makes what one greedy rollout makes, past the window too."""
     from einops import rearrange
 
-    from tinyworlds.apps.start import start_from_dataset
     from tinyworlds.apps.play import PlaySession
+    from tinyworlds.apps.start import start_from_dataset
     from tinyworlds.inference.world import WorldModel
 
     root = make_project(tmp_path)
@@ -190,6 +196,7 @@ def test_play_in_a_browser(server, browser):
     buttons = browser.find_elements(By.CSS_SELECTOR, "button[data-action]")
     assert [b.get_attribute("data-action") for b in buttons] == [str(a) for a in range(NUM_ACTIONS)]
     assert "→" in buttons[3].text and "D" in buttons[3].text  # the mapping is shown
+    assert "UP (pong)" in buttons[1].text and "unused" in buttons[3].get_attribute("class")  # and what ids mean
 
     def advanced_to(n: int, before: str):
         return lambda _: count.text == str(n) and frame.get_attribute("src") != before

@@ -118,3 +118,23 @@ def test_pixel_conversion_round_trips():
     assert torch.equal(to_uint8(torch.tensor([-3.0, 0.0, 3.0])), torch.tensor([0, 128, 255], dtype=torch.uint8))
     with pytest.raises(TinyWorldsError, match="uint8"):
         to_model(model_input)
+
+
+def test_object_pixels_weigh_foreground_weight_in_the_loss():
+    model = tiny_tokenizer(foreground_weight=10.0)
+    background = torch.full((2, 3, 16, 16), -1.0)  # [B, C, H, W]: a black field
+    frames = background[:, None].repeat(1, 3, 1, 1, 1).clone()  # [B, T, C, H, W]
+    frames[:, :, :, 4:6, 4:6] = 1.0  # a 2x2 white sprite
+    weights = model.pixel_weights(frames, background)  # [B, T, 1, H, W]
+    assert weights.shape == (2, 3, 1, 16, 16)
+    assert (weights[:, :, :, 4:6, 4:6] == 10).all() and weights.sum() == 2 * 3 * (256 - 4 + 40)
+    assert torch.equal(model.pixel_weights(frames, None), torch.ones_like(weights))
+    loss, metrics = model.loss(frames, background)
+    # The weighted loss counts the sprite's error ten times: it exceeds the plain MSE whenever
+    # the sprite is reconstructed worse than the field, which an untrained model does.
+    assert loss > metrics["mse"] and "fg_mse" in metrics and metrics["fg_mse"] > metrics["mse"]
+
+
+def test_a_weight_below_one_is_a_config_error():
+    with pytest.raises(TinyWorldsError, match="foreground_weight"):
+        TokenizerConfig(**{**TINY, "foreground_weight": 0.5})

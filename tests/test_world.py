@@ -1,5 +1,8 @@
 """WorldModel: the three trained models used together (tiny random-init models)."""
 
+import json
+
+import numpy as np
 import pytest
 import torch
 
@@ -67,3 +70,28 @@ def test_models_from_different_runs_are_refused(tmp_path):
     save_model(other, tmp_path / "models" / "lam")  # 8 actions; dynamics expects 4
     with pytest.raises(TinyWorldsError, match="expects 4 actions"):
         WorldModel.load(tmp_path / "models", device="cpu")
+
+
+def test_latent_ids_are_named_by_the_true_action_they_most_often_match():
+    from tinyworlds.inference.latent_actions import action_labels, name_latent_actions
+
+    meanings = ["NOOP", "FIRE", "UP", "DOWN", "UPFIRE"]
+    latent = np.array([0, 0, 1, 1, 1, 2, -1])
+    true = np.array([1, 0, 2, 4, 3, 3, 0])  # FIRE moves nothing (NOOP); UPFIRE moves up (UP)
+    named = name_latent_actions(latent, true, meanings, num_actions=4)
+    assert named["names"] == ["NOOP", "UP", "DOWN", None]
+    assert named["share"] == pytest.approx([1.0, 2 / 3, 1.0, 0.0])
+    doc = {"usage": [0.5, 0.4, 0.095, 0.005], "datasets": {"pong": named}}
+    assert action_labels(doc, 4) == ["NOOP (pong)", "UP (pong)", "DOWN (pong)", "unused"]
+    assert action_labels(None, 4) == [""] * 4
+
+
+def test_world_reads_the_action_names_saved_beside_the_lam(tmp_path):
+    from tinyworlds.inference.latent_actions import NAMES_FILE
+
+    save_tiny_models(tmp_path / "models")
+    names = {"names": ["LEFT", None, "RIGHT", None] + [None] * (NUM_ACTIONS - 4), "share": [1.0] * NUM_ACTIONS}
+    (tmp_path / "models" / "lam" / NAMES_FILE).write_text(
+        json.dumps({"usage": [0.5, 0.0, 0.5] + [0.0] * (NUM_ACTIONS - 3), "datasets": {"breakout": names}}))
+    labels = WorldModel.load(tmp_path / "models", device="cpu").action_labels()
+    assert labels[:3] == ["LEFT (breakout)", "unused", "RIGHT (breakout)"]

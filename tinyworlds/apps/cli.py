@@ -67,12 +67,15 @@ def record(
     seed: Annotated[int, typer.Option(help="Seed for the emulator and the policy: same seed, same bytes.")] = 0,
     action_repeat: Annotated[int, typer.Option(help="Frames each chosen action is held for.")] = 4,
     stickiness: Annotated[float, typer.Option(help="Probability of keeping the previous action at each decision.")] = 0.8,
+    policy: Annotated[str, typer.Option(help="sticky_random, or balanced: held moves, off the walls, FIRE after a lost life.")] = "balanced",
+    record_state: Annotated[bool, typer.Option(help="Also record lives and the player's position (games with a RAM entry).")] = True,
 ) -> None:
-    """Record real Atari gameplay with a sticky random policy to an H.264 mp4 plus action sidecar."""
+    """Record real Atari gameplay with a random policy to an H.264 mp4 plus a true-actions sidecar."""
     from tinyworlds.data.record import record_gameplay
 
     result = record_gameplay(
-        game, out, frames=frames, seed=seed, action_repeat=action_repeat, stickiness=stickiness
+        game, out, frames=frames, seed=seed, action_repeat=action_repeat, stickiness=stickiness, policy=policy,
+        record_state=record_state,
     )
     typer.echo(f"wrote {result.video} ({result.frames} frames) and {result.actions}")
 
@@ -92,6 +95,7 @@ def ingest(
     format: Annotated[Optional[str], typer.Option(help="zarr or hdf5 (default: from the --out suffix).")] = None,
     allow_partial: Annotated[bool, typer.Option(help="Keep the decodable frames of a cut-off video instead of failing.")] = False,
     actions: Annotated[Optional[Path], typer.Option(help="Ground-truth actions sidecar (default: SOURCE's .true_actions.json if present).")] = None,
+    drop_idle: Annotated[Optional[int], typer.Option(help="Keep at most this many frames of each run of identical frames.")] = None,
 ) -> None:
     """Decode a video (streaming) into a uint8 frame store, resampled and resized."""
     from tinyworlds.data.ingest import ingest as ingest_video
@@ -109,6 +113,7 @@ def ingest(
         fmt=format,
         allow_partial=allow_partial,
         actions=actions,
+        drop_idle=drop_idle,
     )
     typer.echo(report.summary())
 
@@ -217,6 +222,17 @@ def play(
         settings=GenerationSettings(steps=steps, schedule=schedule, temperature=temperature, seed=seed),
         host=host, port=port, say=lambda line: typer.echo(line, err=True),
     )
+
+
+@app.command()
+@user_errors
+def results(
+    metrics: Annotated[Path, typer.Option(help="The evaluate stage's metrics JSON.")] = Path("data/metrics/evaluate.json"),
+) -> None:
+    """The world model's goals, met or not, per dataset, as a markdown table (from stage evaluate)."""
+    from tinyworlds.evaluation.goals import goals_table, load_results
+
+    typer.echo(goals_table(load_results(metrics)))
 
 
 def main() -> None:

@@ -87,5 +87,9 @@ class Layout:
     def metrics(self, stage: str) -> Path:
         return self.root / "data" / "metrics" / f"{stage}.json"
 
+    def metrics_table(self, stage: str, name: str) -> Path:
+        """A stage's CSV beside its metrics JSON, e.g. the evaluate stage's per-horizon curves."""
+        return self.root / "data" / "metrics" / f"{stage}_{name}.csv"
+
     def history(self, stage: str) -> Path:
         return self.root / "data" / "metrics" / f"{stage}_history.csv"

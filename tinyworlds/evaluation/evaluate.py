@@ -1,25 +1,40 @@
-"""Stage `evaluate`: how good is the trained world model, on the held-out frames.
+"""Stage `evaluate`: how good is the trained world model, scored on what matters.
 
-For each dataset in `data.train_on`, on clips of context + horizon frames from the
-validation split (the same time blocks every training stage held out):
+On every held-out clip of every dataset in `data.train_on` (clips of c real context frames
+and k more, from the validation split every training stage held out):
 
-    tokenizer   reconstruction PSNR / SSIM, codebook usage and perplexity
-    actions     latent action usage and entropy over every held-out transition; with
-                ground-truth actions: NMI, best many-to-one mapping accuracy, chance level
-    dynamics    teacher-forced next-frame PSNR, rollout PSNR per horizon beside the
-                copy-last-frame baseline and the tokenizer ceiling, Genie's ΔtPSNR
-    throughput  generated frames/s at batch 1 and 8 on the device used
+    tokenizer  the objects: foreground PSNR, recall and precision of its reconstructions,
+               with 95% intervals; pixel PSNR and SSIM; codebook usage
+    lam        latent-id usage; agreement with the true actions (effect-identical ones merged),
+               with the player's displacement sign where the recording knows the player's
+               position, beside the ceiling a perfect displacement detector reaches on the same
+               transitions; whether opposite directions get different ids
+    dynamics   per horizon 1..k, foreground and pixel PSNR of the rollout (the LAM's ids), the
+               same rollout with random ids drawn as often as the LAM uses them, copying the
+               last real frame (the floor), copying its tokens, and the tokenizer's
+               reconstruction of the truth (the ceiling); foreground ΔtPSNR with its interval
+    headline   the few figures the README's table and the project's goals read
+    throughput generated frames/s at batch 1 and 8 on the device used
 
-Metric definitions are in the README's "Metrics" section. Everything goes to
-data/metrics/evaluate.json (nested by dataset; `dvc metrics diff` flattens it to
-`pong.dynamics.rollout_psnr.h4`) and to one MLflow run with a PNG grid and rollout videos.
+Why the foreground: over 99% of an Atari frame is static background, so whole-frame PSNR
+rewards a tokenizer that erases the ball and a rollout that freezes the screen. The
+foreground of a frame is where it differs from its game's background (the per-pixel median
+of the store's frames) by more than `evaluate.foreground_threshold`; a score covers the
+pixels that are foreground in the truth or the prediction, so a missing sprite and a ghost
+both cost. PSNRs are pooled (the PSNR of the mean squared error over all clips), never
+averaged, and intervals are percentile bootstraps over clips (tinyworlds.metrics.objects).
 
-Dimension keys (the package's key): B clips, T frames per clip (context c + horizon k), C channels, H/W pixels,
-P patches per frame, A latent actions.
+Everything goes to data/metrics/evaluate.json (nested by dataset; `dvc metrics show` flattens
+it to `pong.headline.tokenizer_fg_recall`), data/metrics/evaluate_horizons.csv (the per-horizon
+curves `dvc plots show` draws) and one MLflow run with pictures and rollout videos.
+
+Shape letters as in the package docstring: B clips, T frames per clip (c + k), N frames of a
+store, C channels, H/W pixels, P patches per frame, A latent actions.
 """
 
 from __future__ import annotations
 
+import csv
 import platform
 import statistics
 import sys
@@ -34,7 +49,7 @@ import torch
 from einops import rearrange, repeat
 
 from tinyworlds import metrics as M
-from tinyworlds.core.atomic import write_json
+from tinyworlds.core.atomic import atomic_output, write_json
 from tinyworlds.core.errors import TinyWorldsError
 from tinyworlds.core.params import Layout, dataset_names, section
 from tinyworlds.data.clips import (
@@ -48,21 +63,28 @@ from tinyworlds.data.clips import (
 from tinyworlds.data.roots import split_config
 from tinyworlds.data.stores import file_sha256, open_frame_store
 from tinyworlds.inference.world import GenerationSettings, WorldModel
+from tinyworlds.metrics import objects as O
 from tinyworlds.models.fsq import id_usage, perplexity
 from tinyworlds.tracking.flatten import flatten
 from tinyworlds.tracking.run import open_stage_run
 
 STAGE = "evaluate"
+# The conditions every rollout horizon is scored under, in the order tables show them.
+CONDITIONS = ("rollout", "random_ids", "copy_last_frame", "copy_tokens", "tokenizer_ceiling")
+PSNR_CAP = 100.0  # dB reported for predictions without any error
+USED_ID_SHARE = 0.01  # an id counts as used by the LAM above this share of held-out transitions
 
 
 @dataclass
 class EvaluateConfig:
     """params.yaml `evaluate:`; see the comments there."""
 
-    max_clips: int = 6
+    max_clips: int | None = None  # None: every non-overlapping held-out clip
     context_frames: int | None = None  # None: the dynamics model's window minus one
-    horizon: int = 4
+    horizon: int = 8
     delta_psnr_horizon: int = 4
+    foreground_threshold: int = 24
+    bootstrap_resamples: int = 1000
     steps: int = 8
     schedule: str = "cosine"
     temperature: float = 0.0
@@ -70,17 +92,23 @@ class EvaluateConfig:
     batch_size: int = 64
     throughput_reps: int = 3
     video_clips: int = 2
+    video_frames: int = 16
     video_scale: int = 3
     video_fps: float = 5.0
 
     def __post_init__(self) -> None:
-        for name in ("max_clips", "horizon", "delta_psnr_horizon", "steps", "batch_size", "throughput_reps",
-                     "video_scale"):
+        for name in ("horizon", "delta_psnr_horizon", "steps", "batch_size", "throughput_reps", "video_scale",
+                     "video_frames", "bootstrap_resamples"):
             value = getattr(self, name)
             if not (isinstance(value, int) and value >= 1):
                 raise TinyWorldsError(f"params.yaml: evaluate.{name}={value!r} must be a whole number >= 1")
-        if self.context_frames is not None and not (isinstance(self.context_frames, int) and self.context_frames >= 1):
-            raise TinyWorldsError(f"params.yaml: evaluate.context_frames={self.context_frames!r} must be null or >= 1")
+        for name in ("max_clips", "context_frames"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, int) and value >= 1):
+                raise TinyWorldsError(f"params.yaml: evaluate.{name}={value!r} must be null or a whole number >= 1")
+        if not (isinstance(self.foreground_threshold, int) and 0 <= self.foreground_threshold < 255):
+            raise TinyWorldsError(f"params.yaml: evaluate.foreground_threshold={self.foreground_threshold!r} "
+                                  "must be a whole number in 0..254")
         if self.delta_psnr_horizon > self.horizon:
             raise TinyWorldsError(
                 f"params.yaml: evaluate.delta_psnr_horizon={self.delta_psnr_horizon} is past horizon={self.horizon}"
@@ -99,11 +127,12 @@ class EvaluateConfig:
 
 @dataclass
 class HeldOutClips:
-    """Validation clips of one dataset, with their ground-truth actions where recorded."""
+    """Validation clips of one dataset, with what the recording knows about them."""
 
     frames: torch.Tensor  # uint8 [B, T, C, H, W]
     true_actions: np.ndarray | None  # [B, T-1]: the recorded action of each transition, or None
     action_meanings: list[str]
+    background: np.ndarray  # uint8 [H, W, C]: the game's static background (per-pixel median)
 
 
 def in_batches(fn, *tensors: torch.Tensor, batch_size: int) -> torch.Tensor:
@@ -112,12 +141,18 @@ def in_batches(fn, *tensors: torch.Tensor, batch_size: int) -> torch.Tensor:
     return torch.cat([fn(*(t[i : i + batch_size] for t in tensors)) for i in range(0, n, batch_size)])
 
 
+def channels_last(frames: torch.Tensor) -> np.ndarray:
+    """uint8 [..., C, H, W] -> numpy [..., H, W, C], as the foreground scores take frames."""
+    return rearrange(frames, "... c h w -> ... h w c").numpy()
+
+
 # ---------------------------------------------------------------------------------------------
 # data
 
 
-def held_out_clips(path: Path, split: SplitConfig, *, clip_len: int, frame_skip: int, max_clips: int) -> HeldOutClips:
-    """Up to `max_clips` non-overlapping validation clips, evenly spread over the split."""
+def held_out_clips(path: Path, split: SplitConfig, *, clip_len: int, frame_skip: int,
+                   max_clips: int | None) -> HeldOutClips:
+    """Non-overlapping validation clips (all of them, or `max_clips` evenly spread)."""
     store = open_frame_store(path)
     span = (clip_len - 1) * frame_skip + 1
     starts = clip_starts(frame_labels(len(store), split), span, VAL, stride=span)
@@ -126,34 +161,48 @@ def held_out_clips(path: Path, split: SplitConfig, *, clip_len: int, frame_skip:
             f"{path}: no validation clip of {clip_len} frames (context + evaluate.horizon); lower "
             f"evaluate.horizon or raise data.split.block_frames"
         )
-    starts = starts[np.unique(np.linspace(0, len(starts) - 1, min(max_clips, len(starts))).round().astype(int))]
+    if max_clips is not None:
+        starts = starts[np.unique(np.linspace(0, len(starts) - 1, min(max_clips, len(starts))).round().astype(int))]
     clips = np.stack([store.frames[s : s + span : frame_skip] for s in starts])  # [B, T, H, W, C]
     true = None
     if store.true_actions is not None:
         true = np.stack([store.true_actions[s : s + span : frame_skip][:-1] for s in starts]).astype(np.int64)  # [B, T-1]
-    frames = torch.from_numpy(np.ascontiguousarray(rearrange(clips, "n t h w c -> n t c h w")))
-    return HeldOutClips(frames, true, list(store.attrs.get("action_meanings") or []))
+    frames = torch.from_numpy(np.ascontiguousarray(rearrange(clips, "b t h w c -> b t c h w")))
+    return HeldOutClips(frames, true, list(store.attrs.get("action_meanings") or []), O.background_frame(store.frames))
 
 
-def split_transitions(path_latent: Path, path_frames: Path, split: SplitConfig, frame_skip: int):
-    """Latent and true action of every transition t -> t + skip, by split: {TRAIN: (latent, true), VAL: ...}.
+@dataclass
+class Transitions:
+    """Every transition t -> t + skip of one split with a latent id: the id, and what the
+    recording says about it (None where it does not know)."""
 
-    A transition belongs to a split when both its frames do. `true` is None without
-    ground-truth actions; for frame_skip > 1 it is the action recorded at frame t.
-    """
+    latent: np.ndarray  # [n]
+    true: np.ndarray | None  # [n] recorded action at t
+    displacement: np.ndarray | None  # [n] sign of the player's move, O.UNKNOWN where unknown
+
+
+def split_transitions(path_latent: Path, path_frames: Path, split: SplitConfig, frame_skip: int) -> dict[str, Transitions]:
+    """Transitions by split, {TRAIN: ..., VAL: ...}; a transition belongs to a split when both its
+    frames do. For frame_skip > 1 the true action is the one recorded at frame t."""
     latent = np.asarray(open_array(path_latent, "latent_actions")[:]).astype(np.int64)  # [N]
     store = open_frame_store(path_frames)
     if len(latent) != len(store):
         raise TinyWorldsError(
             f"{path_latent}: {len(latent)} entries but {path_frames} has {len(store)} frames; rerun `dvc repro`"
         )
+    position = store.player_position  # [N] or None
     labels = frame_labels(len(latent), split)
     t = np.arange(max(len(latent) - frame_skip, 0))
     out = {}
     for which in (TRAIN, VAL):
         keep = t[(labels[t] == which) & (labels[t + frame_skip] == which) & (latent[t] >= 0)]
-        true = None if store.true_actions is None else torch.from_numpy(store.true_actions[keep].astype(np.int64))
-        out[which] = (torch.from_numpy(latent[keep]), true)
+        true = None if store.true_actions is None else store.true_actions[keep].astype(np.int64)
+        moved = None
+        if position is not None and keep.size:
+            # Each transition's two positions side by side: the sign of every even step is one move.
+            pairs = rearrange(np.stack([position[keep], position[keep + frame_skip]]), "two n -> (n two)")
+            moved = O.displacement_sign(pairs)[::2]  # [n]
+        out[which] = Transitions(latent[keep], true, moved)
     return out
 
 
@@ -161,112 +210,177 @@ def split_transitions(path_latent: Path, path_frames: Path, split: SplitConfig, 
 # metrics
 
 
-def per_horizon(scores: torch.Tensor) -> dict[str, float]:
-    """PSNRs [B, k] -> {"h1": mean over clips at horizon 1, ...}."""
-    return {f"h{h + 1}": M.finite_mean(scores[:, h]) for h in range(scores.shape[1])}
+def foreground_summary(prediction: torch.Tensor, truth: torch.Tensor, background: np.ndarray,
+                       config: EvaluateConfig) -> dict[str, float]:
+    """Foreground PSNR / recall / precision with 95% intervals, and pooled pixel PSNR, of
+    predictions against the truth, uint8 [B, ..., C, H, W] with clips first."""
+    scores = O.foreground_scores(channels_last(prediction), channels_last(truth), background,
+                                 config.foreground_threshold)
+    summary = O.summarize_foreground(scores, resamples=config.bootstrap_resamples, seed=config.seed)
+    error = ((prediction.double() - truth.double()) ** 2).mean().item()
+    summary["psnr"] = float(10 * np.log10(255.0**2 / error)) if error > 0 else float("inf")
+    # No error at all is +inf dB; report it as PSNR_CAP so that JSON, MLflow and differences hold.
+    return {key: min(value, PSNR_CAP) if "psnr" in key else value for key, value in summary.items()}
 
 
-def tokenizer_metrics(world: WorldModel, clips: torch.Tensor, batch_size: int):
-    """Reconstruction PSNR / SSIM and codebook usage on clips [B, T, C, H, W].
+def tokenizer_metrics(world: WorldModel, held: HeldOutClips, config: EvaluateConfig):
+    """The tokenizer's reconstructions of every held-out frame, scored on the objects first.
 
     Returns (metrics, tokens [B, T, P], reconstructions [B, T, C, H, W])."""
-    tokens = in_batches(world.encode, clips, batch_size=batch_size)  # [B, T, P]
-    recon = in_batches(world.decode, tokens, batch_size=batch_size).cpu()  # [B, T, C, H, W]
+    clips = held.frames
+    tokens = in_batches(world.encode, clips, batch_size=config.batch_size)  # [B, T, P]
+    recon = in_batches(world.decode, tokens, batch_size=config.batch_size).cpu()  # [B, T, C, H, W]
     usage = id_usage(tokens, world.tokenizer.vocab_size)  # [V]
     return {
-        "psnr": M.finite_mean(M.psnr(recon, clips, dims=(2, 3, 4))),
+        **foreground_summary(recon, clips, held.background, config),
         "ssim": float(M.ssim(recon, clips).mean()),
         "codebook_used": float((usage > 0).float().mean()),
         "codebook_perplexity": float(perplexity(usage)),
     }, tokens.cpu(), recon
 
 
-def action_metrics(transitions, num_actions: int) -> tuple[dict[str, Any], torch.Tensor]:
-    """Usage and entropy of the latent actions on held-out transitions; agreement with the true ones.
+def lam_metrics(transitions: dict[str, Transitions], num_actions: int,
+                action_meanings: list[str]) -> tuple[dict[str, Any], torch.Tensor]:
+    """How the LAM uses its ids on held-out transitions, and how well they name the controls.
 
     Returns (metrics, usage fractions [A])."""
-    val_latent, val_true = transitions[VAL]
-    if val_latent.numel() == 0:
+    held = transitions[VAL]
+    if held.latent.size == 0:
         raise TinyWorldsError("no held-out transition has a latent action; rerun stage train_lam")
-    fractions = M.label_fractions(val_latent, num_actions)  # [A]
+    latent = torch.from_numpy(held.latent)
+    fractions = M.label_fractions(latent, num_actions)  # [A]
     entropy = M.entropy(fractions)
     out: dict[str, Any] = {
-        "held_out_transitions": val_latent.numel(),
+        "held_out_transitions": int(held.latent.size),
         "usage": {str(i): float(f) for i, f in enumerate(fractions)},
+        "used_ids": int((fractions > USED_ID_SHARE).sum()),
         "entropy_nats": entropy,
         "perplexity": float(np.exp(entropy)),
     }
-    if val_true is not None:
-        out |= {"nmi": M.normalized_mutual_information(val_latent, val_true),
-                "chance_accuracy": M.chance_accuracy(val_true)}
-        train_latent, train_true = transitions[TRAIN]
-        if train_latent.numel():  # the mapping is fit on training transitions, never on the scored ones
-            mapping = M.majority_mapping(train_latent, train_true, num_actions)
-            out["mapping_accuracy"] = M.mapping_accuracy(mapping, val_latent, val_true)
+    if held.true is not None:
+        out |= {"nmi_raw": M.normalized_mutual_information(latent, torch.from_numpy(held.true)),
+                "chance_accuracy_raw": M.chance_accuracy(torch.from_numpy(held.true))}
+        # Actions with one effect on the screen (Pong's FIRE variants) cannot be told apart from
+        # video: score against their merged ids.
+        merged, names = O.merge_equivalent_actions(held.true, action_meanings) if action_meanings else (held.true, [])
+        merged_t = torch.from_numpy(merged)
+        out |= {"nmi": M.normalized_mutual_information(latent, merged_t), "chance_accuracy": M.chance_accuracy(merged_t),
+                "merged_actions": names}
+        train = transitions[TRAIN]
+        if train.latent.size:  # the mapping is fit on training transitions, never on the scored ones
+            train_true = O.merge_equivalent_actions(train.true, action_meanings)[0] if action_meanings else train.true
+            mapping = M.majority_mapping(torch.from_numpy(train.latent), torch.from_numpy(train_true), num_actions)
+            out["mapping_accuracy"] = M.mapping_accuracy(mapping, latent, merged_t)
+    if held.displacement is not None:
+        known = held.displacement != O.UNKNOWN
+        moved = held.displacement[known]
+        out["displacement_transitions"] = int(known.sum())
+        out["nmi_displacement"] = M.normalized_mutual_information(latent[known], torch.from_numpy(moved + 1))  # 0..2
+        separation = O.opposite_directions_separated(held.latent[known], moved)
+        out["directions_separated"] = float(separation.separated)
+        out["id_for_positive_move"] = -1 if separation.latent_for_positive is None else separation.latent_for_positive
+        out["id_for_negative_move"] = -1 if separation.latent_for_negative is None else separation.latent_for_negative
+        if held.true is not None:
+            merged = O.merge_equivalent_actions(held.true, action_meanings)[0] if action_meanings else held.true
+            ceiling = O.perfect_detector_nmi(merged[known], moved)
+            out["nmi_ceiling"] = ceiling  # a perfect detector of the move's sign, on the same transitions
+            out["nmi_over_ceiling"] = out["nmi"] / ceiling if ceiling > 0 else float("nan")
     return out, fractions
 
 
-def dynamics_metrics(world: WorldModel, clips: torch.Tensor, tokens: torch.Tensor, recon: torch.Tensor,
-                     action_usage: torch.Tensor, config: EvaluateConfig, context: int,
-                     settings: GenerationSettings) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """Teacher-forced and autoregressive PSNR, baselines and ΔtPSNR on clips [B, c + k, C, H, W].
+def horizon_rows(name: str, condition: str, frames: torch.Tensor, future: torch.Tensor, background: np.ndarray,
+                 config: EvaluateConfig) -> list[dict[str, Any]]:
+    """One row per horizon h = 1..k: the condition's frames [B, k, C, H, W] scored against the
+    real ones at h."""
+    rows = []
+    for h in range(frames.shape[1]):
+        summary = foreground_summary(frames[:, h], future[:, h], background, config)
+        rows.append({"dataset": name, "condition": condition, "horizon": h + 1, **summary})
+    return rows
 
-    tokens [B, T, P] and recon [B, T, C, H, W]: the clips through the tokenizer; action_usage
-    [A]: how often the LAM uses each action on held-out transitions (for `delta_psnr_usage`).
+
+def dynamics_metrics(world: WorldModel, name: str, held: HeldOutClips, tokens: torch.Tensor, recon: torch.Tensor,
+                     usage: torch.Tensor, config: EvaluateConfig, context: int, settings: GenerationSettings):
+    """Rollouts and their baselines on held-out clips, scored per horizon on the objects.
+
+    tokens [B, T, P] and recon [B, T, C, H, W]: the clips through the tokenizer; usage [A]: how
+    often the LAM uses each id on held-out transitions (random ids are drawn with it, so ids it
+    never uses cannot inflate ΔtPSNR). Returns (metrics, per-horizon rows, frames for pictures).
     """
-    k, c, bs = config.horizon, context, config.batch_size
-    n = clips.shape[0]
+    clips, k, c, bs = held.frames, config.horizon, context, config.batch_size
+    b = clips.shape[0]
     inferred = in_batches(world.infer_actions, clips, batch_size=bs).cpu()  # [B, T-1]: LAM id of each transition
     future = clips[:, c:]  # [B, k, C, H, W]
 
     def roll(ctx, actions, ctx_actions):
         return world.rollout(ctx, actions, context_actions=ctx_actions, settings=settings).cpu()
 
-    # Autoregressive, in one batch: with the LAM's actions, with uniformly random ones (Genie's
-    # ΔtPSNR) and with random ones drawn as often as the LAM uses them. After the first step
-    # the model's own frames are its context.
+    # Autoregressive in one batch, with the LAM's ids and with random ids drawn as it uses them.
+    # After the first step the model's own frames are its context.
     generator = torch.Generator().manual_seed(config.seed)
-    random_actions = torch.randint(0, world.num_actions, (n, k), generator=generator)  # [B, k]
-    usage_actions = torch.multinomial(action_usage.float(), n * k, replacement=True, generator=generator)
-    usage_actions = rearrange(usage_actions, "(n k) -> n k", n=n)  # [B, k]
-    rollouts = in_batches(
-        roll, clips[:, :c].repeat(3, 1, 1, 1, 1), torch.cat([inferred[:, c - 1 :], random_actions, usage_actions]),
-        inferred[:, : c - 1].repeat(3, 1), batch_size=bs,
-    )  # [3N, k, C, H, W]
-    predicted, randomized, usage_randomized = rollouts[:n], rollouts[n : 2 * n], rollouts[2 * n :]
-    # Teacher-forced: every target frame j from the real frames j-c..j-1, one frame at a time.
+    random_ids = torch.multinomial(usage.float(), b * k, replacement=True, generator=generator)
+    random_ids = rearrange(random_ids, "(b k) -> b k", b=b)  # [B, k]
+    rollouts = in_batches(roll, clips[:, :c].repeat(2, 1, 1, 1, 1), torch.cat([inferred[:, c - 1 :], random_ids]),
+                          inferred[:, : c - 1].repeat(2, 1), batch_size=bs)  # [2B, k, C, H, W]
+    # Teacher-forced: the next frame after each real window of c frames.
     windows = torch.stack([clips[:, j - c : j] for j in range(c, c + k)], dim=1)  # [B, k, c, C, H, W]
-    window_actions = torch.stack([inferred[:, j - c : j] for j in range(c, c + k)], dim=1)  # [B, k, c]
-    next_frames = in_batches(
-        roll, rearrange(windows, "n k ... -> (n k) ..."), rearrange(window_actions[..., -1:], "n k 1 -> (n k) 1"),
-        rearrange(window_actions[..., :-1], "n k a -> (n k) a"), batch_size=bs,
+    window_ids = torch.stack([inferred[:, j - c : j] for j in range(c, c + k)], dim=1)  # [B, k, c]
+    teacher_forced = in_batches(
+        roll, rearrange(windows, "b k ... -> (b k) ..."), rearrange(window_ids[..., -1:], "b k 1 -> (b k) 1"),
+        rearrange(window_ids[..., :-1], "b k a -> (b k) a"), batch_size=bs,
     )  # [B*k, 1, C, H, W]
-    next_frames = rearrange(next_frames, "(n k) 1 ... -> n k ...", n=n)
-
-    def scores(frames):  # [B, k] per-frame PSNR against the real future
-        return M.psnr(frames, future, dims=(2, 3, 4))
-
-    # The copy baseline in token space: the last context frame's tokens repeated, decoded like
-    # a prediction. The dynamics model can only beat this by predicting change.
+    # The copy baseline in token space: the last context frame's tokens repeated and decoded like
+    # a prediction; it already carries the tokenizer's loss, copying the real frame does not.
     copied_tokens = torch.cat([tokens[:, :c], M.copy_last_frame(tokens[:, :c], k)], dim=1)  # [B, T, P]
-    copied = in_batches(world.decode, copied_tokens, batch_size=bs)[:, c:].cpu()  # [B, k, C, H, W]
-
-    t = config.delta_psnr_horizon
-    rollout, randomized_scores = scores(predicted), scores(randomized)
-    at_t = M.finite_mean(rollout[:, t - 1])
-    out = {
-        "next_frame_psnr": M.finite_mean(scores(next_frames)),
-        "next_frame_ssim": float(M.ssim(next_frames, future).mean()),
-        "reconstruction_ceiling_psnr": M.finite_mean(scores(recon[:, c:])),
-        "rollout_psnr": per_horizon(rollout),
-        "copy_last_psnr": per_horizon(scores(M.copy_last_frame(clips[:, :c], k))),
-        "copy_last_tokens_psnr": per_horizon(scores(copied)),
-        "random_actions_psnr": per_horizon(randomized_scores),
-        "delta_psnr": at_t - M.finite_mean(randomized_scores[:, t - 1]),
-        "delta_psnr_usage": at_t - M.finite_mean(scores(usage_randomized)[:, t - 1]),
+    frames = {
+        "rollout": rollouts[:b],
+        "random_ids": rollouts[b:],
+        "copy_last_frame": M.copy_last_frame(clips[:, :c], k),
+        "copy_tokens": in_batches(world.decode, copied_tokens, batch_size=bs)[:, c:].cpu(),
+        "tokenizer_ceiling": recon[:, c:],
     }
-    return out, {"predicted": predicted, "randomized": randomized, "teacher_forced": next_frames,
-                 "inferred": inferred, "random_actions": random_actions, "usage_actions": usage_actions}
+    rows = [row for condition in CONDITIONS
+            for row in horizon_rows(name, condition, frames[condition], future, held.background, config)]
+    table = {condition: {f"h{r['horizon']}": r for r in rows if r["condition"] == condition} for condition in CONDITIONS}
+
+    # Genie's ΔtPSNR on the objects at t: the LAM's ids against random ones, paired over clips.
+    t = config.delta_psnr_horizon
+    pieces = [O.foreground_scores(channels_last(frames[key][:, t - 1]), channels_last(future[:, t - 1]),
+                                  held.background, config.foreground_threshold) for key in ("rollout", "random_ids")]
+    delta, low, high = O.bootstrap_delta_psnr_ci(pieces[0]["fg_sq_error_sum"], pieces[0]["fg_count"],
+                                                 pieces[1]["fg_sq_error_sum"], pieces[1]["fg_count"],
+                                                 resamples=config.bootstrap_resamples, seed=config.seed)
+    next_frame = foreground_summary(rearrange(teacher_forced, "(b k) 1 ... -> b k ...", b=b), future,
+                                    held.background, config)
+    out = {
+        "next_frame": {key: next_frame[key] for key in ("fg_psnr", "fg_recall", "psnr")},
+        **{condition: {metric: {h: table[condition][h][metric] for h in table[condition]}
+                       for metric in ("fg_psnr", "fg_recall", "fg_precision", "psnr")}
+           for condition in CONDITIONS},
+        "rollout_fg_psnr_ci": {h: [table["rollout"][h]["fg_psnr_low"], table["rollout"][h]["fg_psnr_high"]]
+                               for h in table["rollout"]},
+        "delta_fg_psnr": delta, "delta_fg_psnr_low": low, "delta_fg_psnr_high": high,
+    }
+    pictures = {**frames, "inferred": inferred, "random_ids": random_ids, "random_frames": frames["random_ids"]}
+    return out, rows, pictures
+
+
+def headline(tokenizer: dict[str, Any], lam: dict[str, Any], dynamics: dict[str, Any]) -> dict[str, float]:
+    """The figures the README's table and the project's goals read, for `dvc metrics show`."""
+    margins = [dynamics["rollout"]["fg_psnr"][h] - dynamics["copy_last_frame"]["fg_psnr"][h]
+               for h in dynamics["rollout"]["fg_psnr"]]
+    out = {
+        "tokenizer_fg_recall": tokenizer["fg_recall"],
+        "tokenizer_fg_psnr": tokenizer["fg_psnr"],
+        "rollout_minus_copy_fg_psnr_min": float(min(margins)),
+        "delta_fg_psnr": dynamics["delta_fg_psnr"],
+        "delta_fg_psnr_low": dynamics["delta_fg_psnr_low"],
+        "lam_used_ids": lam["used_ids"],
+    }
+    for key in ("nmi", "nmi_displacement", "nmi_ceiling", "nmi_over_ceiling", "directions_separated"):
+        if key in lam:
+            out[f"lam_{key}"] = lam[key]
+    return out
 
 
 def device_description(device: torch.device) -> str:
@@ -281,7 +395,7 @@ def generation_throughput(world: WorldModel, context: torch.Tensor, frames: int,
                           settings: GenerationSettings) -> float:
     """Generated frames/s of `world.rollout` (context encoding and LAM labelling, generation and
     decoding included): the median of `reps` timed runs after one warm-up."""
-    ctx = repeat(context[:1], "1 t ... -> b t ...", b=batch).to(world.device)  # [b, c, C, H, W]
+    ctx = repeat(context[:1], "1 t ... -> b t ...", b=batch).to(world.device)  # [B, c, C, H, W]
     actions = torch.zeros(batch, frames, dtype=torch.long)
 
     def once(actions: torch.Tensor) -> float:
@@ -298,9 +412,10 @@ def generation_throughput(world: WorldModel, context: torch.Tensor, frames: int,
 
 
 def mean_over_datasets(per_dataset: dict[str, dict]) -> dict[str, Any]:
-    """The mean of every metric the datasets all have, as the same nesting."""
+    """The mean of every numeric metric the datasets all have, as the same nesting."""
     flat = [flatten(m) for m in per_dataset.values()]
-    common_keys = [k for k in flat[0] if all(k in f for f in flat[1:])]
+    common_keys = [k for k in flat[0] if all(k in f for f in flat[1:])
+                   and all(isinstance(f[k], (int, float)) for f in flat)]
     out: dict[str, Any] = {}
     for key in common_keys:
         node = out
@@ -311,58 +426,81 @@ def mean_over_datasets(per_dataset: dict[str, dict]) -> dict[str, Any]:
     return out
 
 
+def write_horizon_csv(rows: list[dict[str, Any]], path: Path) -> None:
+    """The per-horizon curves for `dvc plots show`: one row per dataset, condition and horizon."""
+    columns = ["dataset", "condition", "horizon", "fg_psnr", "fg_psnr_low", "fg_psnr_high", "fg_recall", "psnr"]
+    with atomic_output(path) as tmp, open(tmp, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
 # ---------------------------------------------------------------------------------------------
 # pictures
 
 
-def action_labels(held: HeldOutClips, i: int, inferred: torch.Tensor) -> list[str]:
-    """Labels of the real frames of clip i: the LAM's id of the transition into each, and the true action."""
+def action_labels(held: HeldOutClips, i: int, inferred: torch.Tensor, frames: int) -> list[str]:
+    """Labels of the first `frames` real frames of clip i: the LAM's id of the transition into
+    each, and the true action."""
     labels = ["real"]
-    for j, latent in enumerate(inferred[i].tolist()):
+    for j, latent in enumerate(inferred[i, : frames - 1].tolist()):
         text = f"real a={latent}"
         if held.true_actions is not None:
             true = int(held.true_actions[i, j])
-            text += f" true={held.action_meanings[true] if true < len(held.action_meanings) else true}"
+            text += f" {held.action_meanings[true] if true < len(held.action_meanings) else true}"
         labels.append(text)
     return labels
 
 
-def labelled_panels(held: HeldOutClips, i: int, recon: torch.Tensor, out: dict[str, torch.Tensor], context: int,
-                    scale: int) -> dict[str, np.ndarray]:
-    """Clip i as labelled, upscaled clips [T, H', W', 3]: real, reconstruction, and the rollouts
-    with the LAM's actions and with uniformly random ones (context frames are the real ones)."""
-    from tinyworlds.evaluation.media import annotate
+def log_still(run, name: str, held: HeldOutClips, recon: torch.Tensor, pictures: dict[str, torch.Tensor],
+              context: int, config: EvaluateConfig) -> None:
+    """Per clip: real, reconstruction, rollout (one frame per column), for the first clips."""
+    from tinyworlds.evaluation.media import annotate, tile
 
-    real = held.frames[i]  # [T, C, H, W]
-    panels = {"real": annotate(real, action_labels(held, i, out["inferred"]), scale),
-              "reconstruction": annotate(recon[i], ["reconstruction"] * len(real), scale)}
-    for key, actions, tag in (("predicted", out["inferred"][i, context - 1 :], "LAM"),
-                              ("randomized", out["random_actions"][i], "random")):
-        clip = torch.cat([real[:context], out[key][i]])  # [T, C, H, W]
-        panels[key] = annotate(clip, ["context"] * context + [f"{tag} a={a}" for a in actions.tolist()], scale)
-    return panels
-
-
-def log_pictures(run, name: str, held: HeldOutClips, recon: torch.Tensor, dynamics: dict[str, Any],
-                 out: dict[str, torch.Tensor], context: int, config: EvaluateConfig, scratch: Path) -> None:
-    """To MLflow: PSNR over the horizon as curves, a still grid (per clip: real, reconstruction,
-    prediction; one frame per column) and a video (per clip: real | LAM actions | random actions)."""
-    from tinyworlds.evaluation.media import tile, write_gif, write_mp4
-
-    for h in range(config.horizon):
-        run.log_metrics({f"{name}.{key}_by_horizon": dynamics[key][f"h{h + 1}"]
-                         for key in ("rollout_psnr", "copy_last_psnr", "copy_last_tokens_psnr", "random_actions_psnr")},
-                        step=h + 1)
-    clips = [labelled_panels(held, i, recon, out, context, config.video_scale)
-             for i in range(min(max(3, config.video_clips), held.frames.shape[0]))]
-    still = tile([[row[j : j + 1] for j in range(len(row))]
-                  for panels in clips[:3] for row in (panels["real"], panels["reconstruction"], panels["predicted"])])
+    rows = []
+    for i in range(min(3, held.frames.shape[0])):
+        real = held.frames[i]  # [T, C, H, W]
+        rollout = torch.cat([real[:context], pictures["rollout"][i]])  # [T, C, H, W]
+        ids = pictures["inferred"][i, context - 1 :].tolist()
+        rows += [annotate(real, action_labels(held, i, pictures["inferred"], len(real)), config.video_scale),
+                 annotate(recon[i], ["reconstruction"] * len(real), config.video_scale),
+                 annotate(rollout, ["context"] * context + [f"LAM a={a}" for a in ids], config.video_scale)]
+    still = tile([[row[j : j + 1] for j in range(len(row))] for row in rows])
     run.log_image(still[0], f"{name}_real_reconstruction_prediction.png")
-    if config.video_clips:
-        video = tile([[p["real"], p["predicted"], p["randomized"]] for p in clips[: config.video_clips]])
-        for path in (write_mp4(video, scratch / f"{name}_rollout.mp4", fps=config.video_fps),
-                     write_gif(video, scratch / f"{name}_rollout.gif", fps=config.video_fps)):
-            run.log_artifact(path, "rollouts")
+
+
+def log_videos(run, world: WorldModel, name: str, store_path: Path, split: SplitConfig, context: int,
+               frame_skip: int, config: EvaluateConfig, settings: GenerationSettings, scratch: Path) -> None:
+    """`video_frames`-long rollouts beside the truth for the first `video_clips` held-out clips:
+    real | LAM's ids | random ids drawn uniformly, each frame labelled."""
+    from tinyworlds.evaluation.media import annotate, tile, write_gif, write_mp4
+
+    try:
+        held = held_out_clips(store_path, split, clip_len=context + config.video_frames, frame_skip=frame_skip,
+                              max_clips=config.video_clips)
+    except TinyWorldsError:
+        return  # held-out blocks shorter than a video: the still pictures say enough
+    clips = held.frames  # [B, c + F, C, H, W]
+    inferred = world.infer_actions(clips).cpu()  # [B, c + F - 1]
+    generator = torch.Generator().manual_seed(config.seed)
+    random_ids = torch.randint(0, world.num_actions, (clips.shape[0], config.video_frames), generator=generator)
+    with_lam = world.rollout(clips[:, :context], inferred[:, context - 1 :], context_actions=inferred[:, : context - 1],
+                             settings=settings).cpu()  # [B, F, C, H, W]
+    with_random = world.rollout(clips[:, :context], random_ids, context_actions=inferred[:, : context - 1],
+                                settings=settings).cpu()
+    rows = []
+    for i in range(clips.shape[0]):
+        real = annotate(clips[i], action_labels(held, i, inferred, clips.shape[1]), config.video_scale)
+        lam = annotate(torch.cat([clips[i, :context], with_lam[i]]),
+                       ["context"] * context + [f"LAM a={a}" for a in inferred[i, context - 1 :].tolist()],
+                       config.video_scale)
+        rand = annotate(torch.cat([clips[i, :context], with_random[i]]),
+                        ["context"] * context + [f"random a={a}" for a in random_ids[i].tolist()], config.video_scale)
+        rows.append([real, lam, rand])
+    video = tile(rows)
+    for path in (write_mp4(video, scratch / f"{name}_rollout.mp4", fps=config.video_fps),
+                 write_gif(video, scratch / f"{name}_rollout.gif", fps=config.video_fps)):
+        run.log_artifact(path, "rollouts")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -371,7 +509,8 @@ def log_pictures(run, name: str, held: HeldOutClips, recon: torch.Tensor, dynami
 def evaluate(params: dict[str, Any], root: Path = Path(".")) -> dict[str, Any]:
     """Evaluate data/models on the validation split of every `data.train_on` dataset.
 
-    Writes data/metrics/evaluate.json and logs one MLflow run; returns the metrics (nested).
+    Writes data/metrics/evaluate.json and evaluate_horizons.csv and logs one MLflow run;
+    returns the metrics (nested).
     """
     layout = Layout(root)
     names = dataset_names(params)
@@ -392,6 +531,7 @@ def evaluate(params: dict[str, Any], root: Path = Path(".")) -> dict[str, Any]:
     }
 
     results: dict[str, Any] = {}
+    rows: list[dict[str, Any]] = []
     with open_stage_run(STAGE, params, names, run_config) as run, tempfile.TemporaryDirectory() as scratch:
         run.set_tags({"tinyworlds.device": device_text})
         for name in names:
@@ -399,13 +539,20 @@ def evaluate(params: dict[str, Any], root: Path = Path(".")) -> dict[str, Any]:
             held = held_out_clips(layout.frames(name), split, clip_len=context + config.horizon,
                                   frame_skip=frame_skip, max_clips=config.max_clips)
             world.check_frames(held.frames, str(layout.frames(name)))
-            tokenizer, tokens, recon = tokenizer_metrics(world, held.frames, config.batch_size)
+            tokenizer, tokens, recon = tokenizer_metrics(world, held, config)
             transitions = split_transitions(layout.latent_actions(name), layout.frames(name), split, frame_skip)
-            actions, usage = action_metrics(transitions, world.num_actions)
-            dynamics, out = dynamics_metrics(world, held.frames, tokens, recon, usage, config, context, settings)
-            results[name] = {"clips": held.frames.shape[0], "tokenizer": tokenizer, "lam": actions,
-                             "dynamics": dynamics}
-            log_pictures(run, name, held, recon, dynamics, out, context, config, Path(scratch))
+            lam, usage = lam_metrics(transitions, world.num_actions, held.action_meanings)
+            dynamics, dataset_rows, pictures = dynamics_metrics(world, name, held, tokens, recon, usage, config,
+                                                                context, settings)
+            rows += dataset_rows
+            results[name] = {"headline": headline(tokenizer, lam, dynamics), "clips": held.frames.shape[0],
+                             "tokenizer": tokenizer, "lam": lam, "dynamics": dynamics}
+            for row in dataset_rows:
+                run.log_metrics({f"{name}.{row['condition']}.fg_psnr_by_horizon": row["fg_psnr"]}, step=row["horizon"])
+            log_still(run, name, held, recon, pictures, context, config)
+            if config.video_clips:
+                log_videos(run, world, name, layout.frames(name), split, context, frame_skip, config, settings,
+                           Path(scratch))
             seconds = time.perf_counter() - began
             print(f"evaluate: {name}: {held.frames.shape[0]} clips in {seconds:.1f}s", file=sys.stderr)
 
@@ -421,6 +568,8 @@ def evaluate(params: dict[str, Any], root: Path = Path(".")) -> dict[str, Any]:
         } | {"device": device_text}
 
         write_json(results, layout.metrics(STAGE))
-        run.log_final({k: float(v) for k, v in flatten(results).items() if isinstance(v, (int, float))})
+        write_horizon_csv(rows, layout.metrics_table(STAGE, "horizons"))
+        run.log_final({k: float(v) for k, v in flatten(results).items()
+                       if isinstance(v, (int, float)) and not isinstance(v, bool)})
         run.log_artifact(layout.metrics(STAGE))
     return results

@@ -72,3 +72,44 @@ def cache_latent_actions(model: LatentActionModel, frames_path: Path | str, out:
                             "frame_skip": frame_skip, "clip_len": clip_len,
                             "meaning": "latent_actions[t] is the latent action of transition t -> t + frame_skip; -1: none"})
     return actions
+
+
+NAMES_FILE = "action_names.json"  # beside the LAM's weights: what each latent id most often is
+USED_SHARE = 0.01  # an id given to fewer transitions than this is shown as unused
+
+
+def name_latent_actions(latent: np.ndarray, true_actions: np.ndarray, meanings: list[str],
+                        num_actions: int) -> dict[str, list]:
+    """For each latent id, the true action it co-occurs with most (effect-identical actions
+    merged, FIRE variants with their move) and that action's share of the id's transitions.
+
+    latent, true_actions [N] aligned per transition (latent -1: none). Returns {"names": [A]
+    names or None for an id never seen, "share": [A] in [0, 1]}.
+    """
+    from tinyworlds.metrics.objects import merge_equivalent_actions
+
+    keep = latent >= 0
+    merged, merged_names = merge_equivalent_actions(true_actions[keep], meanings)
+    counts = np.zeros((num_actions, len(merged_names)), dtype=np.int64)  # [A, merged actions]
+    np.add.at(counts, (latent[keep], merged), 1)
+    totals = counts.sum(axis=1)
+    names = [merged_names[int(row.argmax())] if total else None for row, total in zip(counts, totals)]
+    share = [float(row.max() / total) if total else 0.0 for row, total in zip(counts, totals)]
+    return {"names": names, "share": share}
+
+
+def action_labels(names_doc: dict | None, num_actions: int) -> list[str]:
+    """One short label per latent id for people (play's buttons): the true action each id most
+    often matches in each labelled dataset, or "unused" / "" when nothing is known."""
+    if not names_doc:
+        return [""] * num_actions
+    usage = names_doc.get("usage") or [1.0] * num_actions
+    labels = []
+    for action in range(num_actions):
+        if usage[action] < USED_SHARE:
+            labels.append("unused")
+            continue
+        parts = [f"{doc['names'][action]} ({dataset})" for dataset, doc in sorted(names_doc.get("datasets", {}).items())
+                 if doc["names"][action] is not None]
+        labels.append(", ".join(parts))
+    return labels

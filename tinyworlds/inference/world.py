@@ -7,6 +7,7 @@ ids in between.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from einops import rearrange
 
 from tinyworlds.core.device import pick_device
 from tinyworlds.core.errors import TinyWorldsError
+from tinyworlds.inference.latent_actions import NAMES_FILE, action_labels
 from tinyworlds.models.checkpoint import load_model
 from tinyworlds.models.dynamics import DynamicsModel
 from tinyworlds.models.lam import LatentActionModel
@@ -35,6 +37,7 @@ class WorldModel:
 
     def __init__(self, tokenizer: VideoTokenizer, lam: LatentActionModel, dynamics: DynamicsModel, device: torch.device):
         self.tokenizer, self.lam, self.dynamics, self.device = tokenizer, lam, dynamics, device
+        self.action_names: dict | None = None  # lam/action_names.json: what each id most often is
         t, d = tokenizer.config, dynamics.config
         if (tokenizer.vocab_size, tokenizer.num_patches) != (d.vocab_size, d.num_patches):
             raise TinyWorldsError(
@@ -61,12 +64,20 @@ class WorldModel:
             if not isinstance(model, expected):
                 raise TinyWorldsError(f"{models_dir / kind}: holds a {type(model).__name__}, expected a {expected.__name__}")
             loaded[kind] = model.eval()
-        return cls(loaded["tokenizer"], loaded["lam"], loaded["dynamics"], target)
+        world = cls(loaded["tokenizer"], loaded["lam"], loaded["dynamics"], target)
+        names = models_dir / "lam" / NAMES_FILE
+        if names.is_file():
+            world.action_names = json.loads(names.read_text())
+        return world
 
     # -- facts ---------------------------------------------------------------------------------
     @property
     def num_actions(self) -> int:
         return self.lam.num_actions
+
+    def action_labels(self) -> list[str]:
+        """Per latent id, the true actions it most often matches ("UP (pong)"), "unused", or ""."""
+        return action_labels(self.action_names, self.num_actions)
 
     @property
     def frame_size(self) -> int:

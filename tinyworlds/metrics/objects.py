@@ -30,7 +30,9 @@ import torch
 from einops import rearrange
 
 from tinyworlds.core.errors import TinyWorldsError
-from tinyworlds.metrics import normalized_mutual_information
+from tinyworlds.metrics import (
+    normalized_mutual_information,  # the package's own label metrics
+)
 
 PEAK = 255.0  # PSNR peak of uint8 frames
 UNKNOWN = -2  # displacement label of a transition whose movement is unknown
@@ -117,23 +119,22 @@ def _bootstrap_settings(resamples: Any, level: Any, where: str) -> None:
 def background_frame(frames: Any, *, max_frames: int = MAX_BACKGROUND_FRAMES) -> np.ndarray:
     """The game's static background: the per-pixel median of frames uint8 [N, H, W, C] -> [H, W, C].
 
-    At most `max_frames` frames are used, spread evenly over the video (frame i * N // k for
-    i < k), which keeps the median cheap on long recordings. The median is the *lower* median
-    (the ceil(k / 2)-th smallest value), so every output value occurs in the input and stays
-    uint8 even when k is even. A pixel is recovered exactly wherever the objects cover it in
-    fewer than half of the frames used.
+    At most `max_frames` frames are used, every (N // max_frames)-th from the start, read
+    before anything else (so a lazy store array is never read whole), which keeps the median
+    cheap on long recordings. The median is the *lower* median (the ceil(k / 2)-th smallest
+    value), so every output value occurs in the input and stays uint8 even when k is even. A
+    pixel is recovered exactly wherever the objects cover it in fewer than half of the frames.
     """
     where = "background_frame"
-    x = _frames(frames, "frames", where, min_dims=4)
-    if x.ndim != 4:
-        raise TinyWorldsError(f"{where}: frames must be one video [N, H, W, C], got shape {list(x.shape)}")
     if isinstance(max_frames, bool) or not isinstance(max_frames, (int, np.integer)) or max_frames < 1:
         raise TinyWorldsError(f"{where}: max_frames must be a whole number >= 1, got {max_frames!r}")
-    n = x.shape[0]
-    k = min(n, int(max_frames))
-    chosen = x[np.arange(k) * n // k]  # [k, H, W, C]
-    middle = (k - 1) // 2
-    return np.partition(chosen, middle, axis=0)[middle]  # [H, W, C]
+    n = frames.shape[0] if hasattr(frames, "shape") and len(frames.shape) else len(frames)
+    step = max(1, -(-n // int(max_frames)))  # ceil: at most max_frames frames
+    x = _frames(frames[::step] if n else frames, "frames", where, min_dims=4)  # [k, H, W, C]
+    if x.ndim != 4:
+        raise TinyWorldsError(f"{where}: frames must be one video [N, H, W, C], got shape {list(x.shape)}")
+    middle = (x.shape[0] - 1) // 2
+    return np.partition(x, middle, axis=0)[middle]  # [H, W, C]
 
 
 def foreground_mask(frames: Any, background: Any, threshold: float = 24) -> np.ndarray:

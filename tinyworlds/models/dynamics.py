@@ -63,6 +63,10 @@ class DynamicsConfig:
     mask_ratio_min: float = 0.5  # per-sample mask ratio of frames 1..T-1 is U[min, max]
     mask_ratio_max: float = 1.0
     action_dropout: float = 0.1  # chance a training action is replaced by the null action
+    # The loss weight of a masked token that differs from the same patch's token one frame
+    # earlier, over one that does not: most patches of a game never change, so with weight 1
+    # the model learns to copy and the moving objects are a rounding error in the loss.
+    change_weight: float = 1.0
 
     def __post_init__(self):
         check_positive_ints(self, "vocab_size", "num_patches", "num_actions", "num_blocks", "max_frames")
@@ -73,6 +77,8 @@ class DynamicsConfig:
         check(self, "max_frames", self.max_frames >= 2, "must be >= 2 (context plus the frame being made)")
         check_fraction(self, "mask_ratio_min", 0.0, 1.0, include_low=False)
         check_fraction(self, "mask_ratio_max", 0.0, 1.0, include_low=False)
+        check(self, "change_weight", isinstance(self.change_weight, (int, float)) and self.change_weight >= 1,
+              "must be a number >= 1 (1: every token alike)")
         check(self, "mask_ratio_max", self.mask_ratio_max >= self.mask_ratio_min,
               f"must be >= mask_ratio_min {self.mask_ratio_min}")
         check_fraction(self, "action_dropout", 0.0, 1.0)
@@ -163,14 +169,19 @@ class DynamicsModel(nn.Module):
         logits = self.head(self.features(inputs, actions)[:, 1:])  # [B, T-1, P, V]
         logits = rearrange(logits, "b t p v -> (b t p) v")  # [B*(T-1)*P, V]
         targets = rearrange(tokens[:, 1:], "b t p -> (b t p)")  # [B*T*P]
+        changed = rearrange(tokens[:, 1:] != tokens[:, :-1], "b t p -> (b t p)").float()  # [B*T*P]
         weight = rearrange(masked, "b t p -> (b t p)").float()  # [B*T*P]: 1 where the input was masked
+        emphasis = weight * (1 + (c.change_weight - 1) * changed)  # [B*T*P]
         ce = F.cross_entropy(logits.float(), targets, reduction="none")  # [B*T*P]
         total = weight.sum()
-        loss = (ce * weight).sum() / total
+        loss = (ce * emphasis).sum() / emphasis.sum()
         hits = (logits.detach().argmax(-1) == targets).float()  # [B*T*P]
+        masked_changed = (weight * changed).sum()
         metrics = {
             "loss": loss.detach(),
             "masked_accuracy": (hits * weight).sum() / total,
+            # How well the model predicts what moves: the tokens copying cannot get right.
+            "changed_accuracy": (hits * weight * changed).sum() / masked_changed.clamp_min(1),
             "mask_ratio": total / weight.numel(),
         }
         return loss, metrics

@@ -29,7 +29,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from einops import rearrange, reduce
 from torch import Tensor, nn
 
@@ -62,6 +61,14 @@ class LatentActionConfig:
     max_frames: int = 16
     mask_ratio: float = 0.0  # fraction of decoder input tokens (frames >= 1) hidden in the loss
     standardize_weight: float = 0.1  # pulls each video's raw latent to zero mean, unit variance
+    # The loss weight of a pixel that changes between t and t+1 (by more than change_threshold
+    # on the [-1, 1] scale) over one that does not. A paddle's move is a few dozen pixels of a
+    # frame: with plain MSE (weight 1) copying frame t is nearly as good as knowing the action.
+    change_weight: float = 1.0
+    change_threshold: float = 24 / 127.5
+    # Predict frame t+1 as frame t plus a change (the change head starts at zero), so the decoder
+    # starts from copying and every gain must come from the action and the context.
+    residual: bool = False
 
     def __post_init__(self):
         check_frames(self)
@@ -75,6 +82,10 @@ class LatentActionConfig:
         check(self, "mask_ratio", self.mask_ratio < 1.0, "must be < 1 (some context must stay visible)")
         check_number(self, "standardize_weight")
         check(self, "standardize_weight", self.standardize_weight >= 0, "must be >= 0")
+        check_number(self, "change_weight")
+        check(self, "change_weight", self.change_weight >= 1, "must be >= 1 (1: plain MSE)")
+        check_number(self, "change_threshold")
+        check(self, "change_threshold", self.change_threshold >= 0, "must be >= 0")
 
 
 class LatentActionModel(nn.Module):
@@ -100,6 +111,9 @@ class LatentActionModel(nn.Module):
             cond_dim=len(c.levels),
         )
         self.to_pixels = nn.Linear(c.embed_dim, patch_dim)
+        if c.residual:
+            nn.init.zeros_(self.to_pixels.weight)
+            nn.init.zeros_(self.to_pixels.bias)
 
     @property
     def num_actions(self) -> int:
@@ -127,7 +141,8 @@ class LatentActionModel(nn.Module):
             hide[:, 0] = False
             x = torch.where(hide, self.mask_token.to(x.dtype), x)  # [B, T, P, E]
         x = self.decoder(x, cond=codes)  # [B, T, P, E]
-        return unpatchify(self.to_pixels(x), self.config.patch_size, self.grid)  # [B, T, C, H, W]
+        out = unpatchify(self.to_pixels(x), self.config.patch_size, self.grid)  # [B, T, C, H, W]
+        return frames + out if self.config.residual else out
 
     @torch.no_grad()
     def infer(self, frames: Tensor) -> Tensor:
@@ -151,18 +166,31 @@ class LatentActionModel(nn.Module):
         standard, mean, var = standardize_per_group(z, groups.repeat_interleave(t - 1))  # [B*(T-1), L], [G, L], [G, L]
         codes = self.fsq(rearrange(standard, "(b t) l -> b t l", b=b))  # [B, T-1, L]
         pred = self.predict(frames[:, :-1], codes, mask_ratio=self.config.mask_ratio)  # [B, T-1, C, H, W]
-        recon = F.mse_loss(pred.float(), frames[:, 1:].float())
+        error = (pred.float() - frames[:, 1:].float()) ** 2  # [B, T-1, C, H, W]
+        weights = self.change_weights(frames.float())  # [B, T-1, 1, H, W]
+        recon = (error * weights).mean() / weights.mean()
         penalty = (mean.square() + (0.5 * torch.log(var + EPS)).square()).mean()  # 0 at mean 0, variance 1
         loss = recon + self.config.standardize_weight * penalty
         usage = id_usage(self.fsq.codes_to_ids(codes.detach()), self.num_actions)  # [A]
         metrics = {
-            "recon_mse": recon.detach(),
+            "recon_mse": error.detach().mean(),
             "standardize_penalty": penalty.detach(),
             "latent_std": var.detach().sqrt().mean(),
             "action_perplexity": perplexity(usage),
             "action_usage": usage,
         }
+        if self.config.change_weight != 1:
+            changed = (weights > 1).float()  # [B, T-1, 1, H, W]
+            metrics["change_mse"] = (error.detach() * changed).sum() / (changed.sum() * frames.shape[2]).clamp_min(1)
         return loss, metrics
+
+    def change_weights(self, frames: Tensor) -> Tensor:
+        """Loss weights of frames 1..T-1 [B, T-1, 1, H, W]: `change_weight` where a pixel differs
+        from the frame before by more than `change_threshold` in any channel, else 1."""
+        if self.config.change_weight == 1:
+            return torch.ones_like(frames[:, 1:, :1])
+        change = reduce((frames[:, 1:] - frames[:, :-1]).abs(), "b t c h w -> b t 1 h w", "max")
+        return 1 + (self.config.change_weight - 1) * (change > self.config.change_threshold).float()
 
 
 EPS = 1e-5  # variance floor of a standardised group

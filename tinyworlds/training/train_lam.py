@@ -13,8 +13,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from tinyworlds.core.atomic import write_json
 from tinyworlds.core.params import section
-from tinyworlds.inference.latent_actions import cache_latent_actions
+from tinyworlds.data.stores import open_frame_store
+from tinyworlds.inference.latent_actions import (
+    NAMES_FILE,
+    cache_latent_actions,
+    name_latent_actions,
+)
 from tinyworlds.models.lam import LatentActionConfig, LatentActionModel
 from tinyworlds.models.pixels import to_model, to_uint8
 from tinyworlds.training import setup
@@ -60,13 +66,21 @@ def train_lam(params: dict[str, Any], root: Path = Path(".")) -> dict[str, float
             return {}  # rank 0 labels the transitions and writes the outputs
         result.model.eval()
         usage = np.zeros(result.model.num_actions)
+        named = {}  # per dataset with recorded actions: what each latent id most often is
         for name in names:
             actions = cache_latent_actions(result.model, stage.data.frames(name), layout.latent_actions(name),
                                            clip_len=length, frame_skip=frame_skip, device=device,
                                            storage_options=stage.data.storage_options)
             usage += np.bincount(actions[actions >= 0], minlength=result.model.num_actions)
+            store = open_frame_store(stage.data.frames(name), stage.data.storage_options)
+            if store.true_actions is not None and store.attrs.get("action_meanings"):
+                named[name] = name_latent_actions(actions, store.true_actions.astype(np.int64),
+                                                  list(store.attrs["action_meanings"]), result.model.num_actions)
         fractions = usage / max(usage.sum(), 1)
         entropy = float(-(fractions[fractions > 0] * np.log(fractions[fractions > 0])).sum())
         extra = {"actions_used": float((fractions > 0.01).sum()), "action_entropy_nats": entropy,
                  **{f"action_{i}_fraction": float(f) for i, f in enumerate(fractions)}}
-        return setup.finish_training(STAGE, result, layout, run, layout.model("lam"), extra)
+        final = setup.finish_training(STAGE, result, layout, run, layout.model("lam"), extra)
+        # Beside the weights, for people: `tinyworlds play` labels its buttons with these.
+        write_json({"usage": fractions.tolist(), "datasets": named}, layout.model("lam") / NAMES_FILE)
+        return final

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from einops import rearrange
 
+from tinyworlds.data.clips import open_array
 from tinyworlds.metrics import finite_mean, psnr
+from tinyworlds.metrics.objects import background_frame
 from tinyworlds.models.fsq import id_usage, perplexity
 from tinyworlds.models.pixels import to_model, to_uint8
 from tinyworlds.models.tokenizer import TokenizerConfig, VideoTokenizer
@@ -18,8 +23,20 @@ from tinyworlds.training.loop import Trainer
 STAGE = "train_tokenizer"
 
 
-def tokenizer_loss(model: VideoTokenizer, batch: dict[str, torch.Tensor]):
-    return model.loss(to_model(batch["frames"]))
+def tokenizer_loss(model: VideoTokenizer, batch: dict[str, torch.Tensor], backgrounds: torch.Tensor | None = None):
+    """The model's loss on a batch; `backgrounds` [V, C, H, W] (model scale), one per training
+    video, let it weigh the objects (`TokenizerConfig.foreground_weight`)."""
+    frames = to_model(batch["frames"])  # [B, T, C, H, W]
+    background = None if backgrounds is None else backgrounds[batch["video"]]  # [B, C, H, W]
+    return model.loss(frames, background)
+
+
+def video_backgrounds(stage: setup.FrameStage) -> torch.Tensor:
+    """Each training video's static background (its per-pixel median frame): [V, C, H, W] on
+    the model's scale, in the order of the clips' `video` index."""
+    frames = [background_frame(open_array(stage.data.frames(name), "frames", stage.data.storage_options))
+              for name in stage.names]  # each [H, W, C] uint8
+    return to_model(rearrange(torch.from_numpy(np.stack(frames)), "v h w c -> v c h w"))
 
 
 def preview_clips(dataset, count: int = 4) -> torch.Tensor:
@@ -53,6 +70,7 @@ def train_tokenizer(params: dict[str, Any], root: Path = Path(".")) -> dict[str,
     layout, names, length, device = stage.layout, stage.names, stage.clip_len, stage.device
     train_config, train_set, val_set = stage.train_config, stage.train_set, stage.val_set
 
+    backgrounds = video_backgrounds(stage).to(device) if stage.model_config.foreground_weight != 1 else None
     torch.manual_seed(train_config.seed)
     model = VideoTokenizer(stage.model_config)
     preview = preview_clips(val_set).to(device) if len(val_set) else None
@@ -67,7 +85,7 @@ def train_tokenizer(params: dict[str, Any], root: Path = Path(".")) -> dict[str,
             run.log_image(setup.image_grid(rows), f"reconstructions/step_{step:06d}.png")
 
         trainer = Trainer(
-            STAGE, model, tokenizer_loss, train_set, val_set, train_config, device,
+            STAGE, model, functools.partial(tokenizer_loss, backgrounds=backgrounds), train_set, val_set, train_config, device,
             layout.train_state(STAGE), stage.fingerprint,
             log=run.log_metrics, on_validate=show_reconstructions, tokens_per_item=length * model.num_patches,
         )

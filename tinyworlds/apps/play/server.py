@@ -1,7 +1,7 @@
 """The play server: the page and a JSON API, on the standard library's ThreadingHTTPServer.
 
     GET  /            the page (page.html, everything inline)
-    GET  api/info     {num_actions, frame_size, keys: {key: action}, settings}
+    GET  api/info     {num_actions, frame_size, keys: {key: action}, action_labels, settings}
     POST api/reset    {session?}          -> {session, frame, count, start, notes}
     POST api/step     {session, action}   -> {session, frame, count, action, generate_ms}
 
@@ -31,8 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
-from tinyworlds.apps.start import Start, StartRequest, check_settings, load_start
 from tinyworlds.apps.play.session import KeyMap, PlaySession
+from tinyworlds.apps.start import Start, StartRequest, check_settings, load_start
 from tinyworlds.core.device import parse_threads, set_inference_threads
 from tinyworlds.core.errors import TinyWorldsError
 from tinyworlds.inference.world import GenerationSettings, WorldModel
@@ -66,6 +66,7 @@ class PlayApp:
             "frame_size": world.frame_size,
             "keys": self.keys.keys,
             "keys_by_action": self.keys.by_action(world.num_actions),
+            "action_labels": world.action_labels(),
             "settings": vars(self.settings),
         }
 
