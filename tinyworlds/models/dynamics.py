@@ -174,7 +174,7 @@ class DynamicsModel(nn.Module):
         emphasis = weight * (1 + (c.change_weight - 1) * changed)  # [B*T*P]
         ce = F.cross_entropy(logits.float(), targets, reduction="none")  # [B*T*P]
         total = weight.sum()
-        loss = (ce * emphasis).sum() / emphasis.sum()
+        loss = (ce * emphasis).sum() / total  # per masked token, as with weight 1
         hits = (logits.detach().argmax(-1) == targets).float()  # [B*T*P]
         masked_changed = (weight * changed).sum()
         metrics = {

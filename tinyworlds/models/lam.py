@@ -168,7 +168,7 @@ class LatentActionModel(nn.Module):
         pred = self.predict(frames[:, :-1], codes, mask_ratio=self.config.mask_ratio)  # [B, T-1, C, H, W]
         error = (pred.float() - frames[:, 1:].float()) ** 2  # [B, T-1, C, H, W]
         weights = self.change_weights(frames.float())  # [B, T-1, 1, H, W]
-        recon = (error * weights).mean() / weights.mean()
+        recon = (error * weights).mean()  # a plain mean, so each process's slice averages exactly
         penalty = (mean.square() + (0.5 * torch.log(var + EPS)).square()).mean()  # 0 at mean 0, variance 1
         loss = recon + self.config.standardize_weight * penalty
         usage = id_usage(self.fsq.codes_to_ids(codes.detach()), self.num_actions)  # [A]

@@ -126,11 +126,15 @@ class VideoTokenizer(nn.Module):
     def loss(self, frames: Tensor, background: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         """Weighted reconstruction MSE (`pixel_weights`; plain MSE without a background) and
         detached metrics: mse and psnr (unweighted, dB for pixels in [-1, 1]), fg_mse (on the
-        object pixels), codebook_usage (fraction of the V ids in the batch), code_perplexity."""
+        object pixels), codebook_usage (fraction of the V ids in the batch), code_perplexity.
+
+        The weighted errors are averaged over all pixels, not divided by the batch's total
+        weight: a mean over a batch's slice on each process then averages to the same loss as
+        over the whole batch on one, so distributed training takes the same steps."""
         recon, tokens = self(frames)
         error = (recon.float() - frames.float()) ** 2  # [B, T, C, H, W]
         weights = self.pixel_weights(frames.float(), background)  # [B, T, 1, H, W]
-        loss = (error * weights).mean() / weights.mean()
+        loss = (error * weights).mean()
         mse = error.mean().detach()
         usage = id_usage(tokens, self.vocab_size)  # [V]
         metrics = {
