@@ -1,0 +1,1 @@
+"""What people run: the `tinyworlds` command, dream and play."""

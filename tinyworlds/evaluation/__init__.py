@@ -1,1 +1,1 @@
-"""Measuring world models: image metrics, action metrics, rollouts."""
+"""Stage evaluate (scores on the moving objects), the goals table, and video / gif writers."""

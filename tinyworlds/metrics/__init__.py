@@ -1,7 +1,9 @@
 """Metric functions on tensors; definitions are in the README's "Metrics" section.
 
 Image metrics take uint8 frames (or floats on the 0..255 scale) [..., C, H, W] and return one
-value per image [...]. Label metrics take 1-D integer tensors of equal length [N].
+value per image [...]. Label metrics take 1-D integer tensors of equal length [N] (here N
+items). Scores on the moving objects (foreground), bootstraps and the move detector are in
+`tinyworlds.metrics.objects`.
 """
 
 from __future__ import annotations
