@@ -89,6 +89,20 @@ def unpatchify(patches: Tensor, patch_size: int, grid: int) -> Tensor:
     )  # [B, T, C, H, W]
 
 
+def emphasis_weights(difference: Tensor, weight: float, threshold: float) -> Tensor:
+    """Per-pixel loss weights [B, T, 1, H, W] from differences [B, T, C, H, W]: `weight` where any
+    channel differs by more than `threshold`, else 1. What the difference is against decides
+    what is emphasised: the background (a tokenizer's objects) or the frame before (what moves)."""
+    marked = reduce(difference.abs(), "b t c h w -> b t 1 h w", "max") > threshold
+    return 1 + (weight - 1) * marked.float()
+
+
+def emphasised_mse(error: Tensor, weights: Tensor) -> Tensor:
+    """Detached mean of squared errors [B, T, C, H, W] over the emphasised pixels (weights > 1)."""
+    marked = (weights > 1).float()  # [B, T, 1, H, W]
+    return (error.detach() * marked).sum() / (marked.sum() * error.shape[2]).clamp_min(1)
+
+
 # ---------------------------------------------------------------------------------------------
 # positions
 

@@ -42,6 +42,8 @@ from tinyworlds.models.blocks import (
     check_levels,
     check_number,
     check_positive_ints,
+    emphasis_weights,
+    emphasised_mse,
     patchify,
     unpatchify,
 )
@@ -180,8 +182,7 @@ class LatentActionModel(nn.Module):
             "action_usage": usage,
         }
         if self.config.change_weight != 1:
-            changed = (weights > 1).float()  # [B, T-1, 1, H, W]
-            metrics["change_mse"] = (error.detach() * changed).sum() / (changed.sum() * frames.shape[2]).clamp_min(1)
+            metrics["change_mse"] = emphasised_mse(error, weights)
         return loss, metrics
 
     def change_weights(self, frames: Tensor) -> Tensor:
@@ -189,8 +190,7 @@ class LatentActionModel(nn.Module):
         from the frame before by more than `change_threshold` in any channel, else 1."""
         if self.config.change_weight == 1:
             return torch.ones_like(frames[:, 1:, :1])
-        change = reduce((frames[:, 1:] - frames[:, :-1]).abs(), "b t c h w -> b t 1 h w", "max")
-        return 1 + (self.config.change_weight - 1) * (change > self.config.change_threshold).float()
+        return emphasis_weights(frames[:, 1:] - frames[:, :-1], self.config.change_weight, self.config.change_threshold)
 
 
 EPS = 1e-5  # variance floor of a standardised group

@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from einops import rearrange, reduce
+from einops import rearrange
 from torch import Tensor, nn
 
 from tinyworlds.core.errors import TinyWorldsError
@@ -25,6 +25,8 @@ from tinyworlds.models.blocks import (
     check_frames,
     check_levels,
     check_positive_ints,
+    emphasis_weights,
+    emphasised_mse,
     patchify,
     unpatchify,
 )
@@ -119,9 +121,8 @@ class VideoTokenizer(nn.Module):
         clip's background frame [B, C, H, W] by more than the threshold in any channel, else 1."""
         if background is None or self.config.foreground_weight == 1:
             return torch.ones_like(frames[:, :, :1])
-        difference = (frames - rearrange(background, "b c h w -> b 1 c h w")).abs()  # [B, T, C, H, W]
-        objects = reduce(difference, "b t c h w -> b t 1 h w", "max") > self.config.foreground_threshold
-        return 1 + (self.config.foreground_weight - 1) * objects.float()
+        difference = frames - rearrange(background, "b c h w -> b 1 c h w")  # [B, T, C, H, W]
+        return emphasis_weights(difference, self.config.foreground_weight, self.config.foreground_threshold)
 
     def loss(self, frames: Tensor, background: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         """Weighted reconstruction MSE (`pixel_weights`; plain MSE without a background) and
@@ -144,6 +145,5 @@ class VideoTokenizer(nn.Module):
             "code_perplexity": perplexity(usage),
         }
         if background is not None and self.config.foreground_weight != 1:
-            objects = (weights > 1).float()  # [B, T, 1, H, W]
-            metrics["fg_mse"] = ((error.detach() * objects).sum() / (objects.sum() * frames.shape[2]).clamp_min(1))
+            metrics["fg_mse"] = emphasised_mse(error, weights)
         return loss, metrics
