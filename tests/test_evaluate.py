@@ -201,7 +201,7 @@ def test_rollout_and_baselines_line_up_with_the_truth(project):
     expected = 10 * math.log10(255**2 / float(((recon[:, 4].double() - held.frames[:, 4].double()) ** 2).mean()))
     assert ceiling == pytest.approx(expected)
     copied = world.decode(torch.cat([tokens[:, :3], tokens[:, 2:3].expand(-1, 3, -1)], dim=1))[:, 3:]
-    assert torch.equal(out["copy_tokens"], copied)
+    assert torch.equal(out["frames"]["copy_tokens"], copied)
     assert scores["delta_fg_psnr_low"] <= scores["delta_fg_psnr"] <= scores["delta_fg_psnr_high"]
 
 

@@ -151,8 +151,9 @@ def channels_last(frames: torch.Tensor) -> np.ndarray:
 
 
 def held_out_clips(path: Path, split: SplitConfig, *, clip_len: int, frame_skip: int,
-                   max_clips: int | None) -> HeldOutClips:
-    """Non-overlapping validation clips (all of them, or `max_clips` evenly spread)."""
+                   max_clips: int | None, background: np.ndarray | None = None) -> HeldOutClips:
+    """Non-overlapping validation clips (all of them, or `max_clips` evenly spread); `background`:
+    the store's, when the caller has it already (else it is computed from the store)."""
     store = open_frame_store(path)
     span = (clip_len - 1) * frame_skip + 1
     starts = clip_starts(frame_labels(len(store), split), span, VAL, stride=span)
@@ -168,7 +169,8 @@ def held_out_clips(path: Path, split: SplitConfig, *, clip_len: int, frame_skip:
     if store.true_actions is not None:
         true = np.stack([store.true_actions[s : s + span : frame_skip][:-1] for s in starts]).astype(np.int64)  # [B, T-1]
     frames = torch.from_numpy(np.ascontiguousarray(rearrange(clips, "b t h w c -> b t c h w")))
-    return HeldOutClips(frames, true, list(store.attrs.get("action_meanings") or []), O.background_frame(store.frames))
+    background = O.background_frame(store.frames) if background is None else background
+    return HeldOutClips(frames, true, list(store.attrs.get("action_meanings") or []), background)
 
 
 @dataclass
@@ -199,9 +201,7 @@ def split_transitions(path_latent: Path, path_frames: Path, split: SplitConfig, 
         true = None if store.true_actions is None else store.true_actions[keep].astype(np.int64)
         moved = None
         if position is not None and keep.size:
-            # Each transition's two positions side by side: the sign of every even step is one move.
-            pairs = rearrange(np.stack([position[keep], position[keep + frame_skip]]), "two n -> (n two)")
-            moved = O.displacement_sign(pairs)[::2]  # [n]
+            moved = O.move_sign(position[keep + frame_skip] - position[keep])  # [n]
         out[which] = Transitions(latent[keep], true, moved)
     return out
 
@@ -257,19 +257,22 @@ def lam_metrics(transitions: dict[str, Transitions], num_actions: int,
         "entropy_nats": entropy,
         "perplexity": float(np.exp(entropy)),
     }
+    def merged(true: np.ndarray) -> tuple[np.ndarray, list[str]]:
+        # Actions with one effect on the screen (Pong's FIRE variants) cannot be told apart from
+        # video: score against their merged ids.
+        return O.merge_equivalent_actions(true, action_meanings) if action_meanings else (true, [])
+
     if held.true is not None:
         out |= {"nmi_raw": M.normalized_mutual_information(latent, torch.from_numpy(held.true)),
                 "chance_accuracy_raw": M.chance_accuracy(torch.from_numpy(held.true))}
-        # Actions with one effect on the screen (Pong's FIRE variants) cannot be told apart from
-        # video: score against their merged ids.
-        merged, names = O.merge_equivalent_actions(held.true, action_meanings) if action_meanings else (held.true, [])
-        merged_t = torch.from_numpy(merged)
+        held_true, names = merged(held.true)
+        merged_t = torch.from_numpy(held_true)
         out |= {"nmi": M.normalized_mutual_information(latent, merged_t), "chance_accuracy": M.chance_accuracy(merged_t),
                 "merged_actions": names}
         train = transitions[TRAIN]
         if train.latent.size:  # the mapping is fit on training transitions, never on the scored ones
-            train_true = O.merge_equivalent_actions(train.true, action_meanings)[0] if action_meanings else train.true
-            mapping = M.majority_mapping(torch.from_numpy(train.latent), torch.from_numpy(train_true), num_actions)
+            mapping = M.majority_mapping(torch.from_numpy(train.latent), torch.from_numpy(merged(train.true)[0]),
+                                         num_actions)
             out["mapping_accuracy"] = M.mapping_accuracy(mapping, latent, merged_t)
     if held.displacement is not None:
         known = held.displacement != O.UNKNOWN
@@ -281,8 +284,7 @@ def lam_metrics(transitions: dict[str, Transitions], num_actions: int,
         out["id_for_positive_move"] = -1 if separation.latent_for_positive is None else separation.latent_for_positive
         out["id_for_negative_move"] = -1 if separation.latent_for_negative is None else separation.latent_for_negative
         if held.true is not None:
-            merged = O.merge_equivalent_actions(held.true, action_meanings)[0] if action_meanings else held.true
-            ceiling = O.perfect_detector_nmi(merged[known], moved)
+            ceiling = O.perfect_detector_nmi(held_true[known], moved)
             out["nmi_ceiling"] = ceiling  # a perfect detector of the move's sign, on the same transitions
             out["nmi_over_ceiling"] = out["nmi"] / ceiling if ceiling > 0 else float("nan")
     return out, fractions
@@ -361,7 +363,7 @@ def dynamics_metrics(world: WorldModel, name: str, held: HeldOutClips, tokens: t
                                for h in table["rollout"]},
         "delta_fg_psnr": delta, "delta_fg_psnr_low": low, "delta_fg_psnr_high": high,
     }
-    pictures = {**frames, "inferred": inferred, "random_ids": random_ids, "random_frames": frames["random_ids"]}
+    pictures = {"frames": frames, "inferred": inferred, "random_ids": random_ids}  # frames per condition
     return out, rows, pictures
 
 
@@ -460,7 +462,7 @@ def log_still(run, name: str, held: HeldOutClips, recon: torch.Tensor, pictures:
     rows = []
     for i in range(min(3, held.frames.shape[0])):
         real = held.frames[i]  # [T, C, H, W]
-        rollout = torch.cat([real[:context], pictures["rollout"][i]])  # [T, C, H, W]
+        rollout = torch.cat([real[:context], pictures["frames"]["rollout"][i]])  # [T, C, H, W]
         ids = pictures["inferred"][i, context - 1 :].tolist()
         rows += [annotate(real, action_labels(held, i, pictures["inferred"], len(real)), config.video_scale),
                  annotate(recon[i], ["reconstruction"] * len(real), config.video_scale),
@@ -469,15 +471,16 @@ def log_still(run, name: str, held: HeldOutClips, recon: torch.Tensor, pictures:
     run.log_image(still[0], f"{name}_real_reconstruction_prediction.png")
 
 
-def log_videos(run, world: WorldModel, name: str, store_path: Path, split: SplitConfig, context: int,
-               frame_skip: int, config: EvaluateConfig, settings: GenerationSettings, scratch: Path) -> None:
+def log_videos(run, world: WorldModel, name: str, store_path: Path, background: np.ndarray, split: SplitConfig,
+               context: int, frame_skip: int, config: EvaluateConfig, settings: GenerationSettings,
+               scratch: Path) -> None:
     """`video_frames`-long rollouts beside the truth for the first `video_clips` held-out clips:
     real | LAM's ids | random ids drawn uniformly, each frame labelled."""
     from tinyworlds.evaluation.media import annotate, tile, write_gif, write_mp4
 
     try:
         held = held_out_clips(store_path, split, clip_len=context + config.video_frames, frame_skip=frame_skip,
-                              max_clips=config.video_clips)
+                              max_clips=config.video_clips, background=background)
     except TinyWorldsError:
         return  # held-out blocks shorter than a video: the still pictures say enough
     clips = held.frames  # [B, c + F, C, H, W]
@@ -532,6 +535,7 @@ def evaluate(params: dict[str, Any], root: Path = Path(".")) -> dict[str, Any]:
 
     results: dict[str, Any] = {}
     rows: list[dict[str, Any]] = []
+    backgrounds: dict[str, np.ndarray] = {}  # each store's, computed once
     with open_stage_run(STAGE, params, names, run_config) as run, tempfile.TemporaryDirectory() as scratch:
         run.set_tags({"tinyworlds.device": device_text})
         for name in names:
@@ -545,20 +549,21 @@ def evaluate(params: dict[str, Any], root: Path = Path(".")) -> dict[str, Any]:
             dynamics, dataset_rows, pictures = dynamics_metrics(world, name, held, tokens, recon, usage, config,
                                                                 context, settings)
             rows += dataset_rows
+            backgrounds[name] = held.background
             results[name] = {"headline": headline(tokenizer, lam, dynamics), "clips": held.frames.shape[0],
                              "tokenizer": tokenizer, "lam": lam, "dynamics": dynamics}
             for row in dataset_rows:
                 run.log_metrics({f"{name}.{row['condition']}.fg_psnr_by_horizon": row["fg_psnr"]}, step=row["horizon"])
             log_still(run, name, held, recon, pictures, context, config)
             if config.video_clips:
-                log_videos(run, world, name, layout.frames(name), split, context, frame_skip, config, settings,
-                           Path(scratch))
+                log_videos(run, world, name, layout.frames(name), held.background, split, context, frame_skip,
+                           config, settings, Path(scratch))
             seconds = time.perf_counter() - began
             print(f"evaluate: {name}: {held.frames.shape[0]} clips in {seconds:.1f}s", file=sys.stderr)
 
         # Throughput from a real context: the first held-out frames of the first dataset.
         real_context = held_out_clips(layout.frames(names[0]), split, clip_len=context, frame_skip=frame_skip,
-                                      max_clips=1).frames  # [1, c, C, H, W]
+                                      max_clips=1, background=backgrounds[names[0]]).frames  # [1, c, C, H, W]
         if len(names) > 1:
             results["mean"] = mean_over_datasets({n: results[n] for n in names})
         results["throughput"] = {

@@ -15,6 +15,7 @@ from einops import rearrange
 
 from tinyworlds.core.atomic import atomic_output
 from tinyworlds.data.clips import open_array
+from tinyworlds.metrics.objects import merge_equivalent_actions
 from tinyworlds.models.lam import LatentActionModel
 from tinyworlds.models.pixels import to_model
 
@@ -86,8 +87,6 @@ def name_latent_actions(latent: np.ndarray, true_actions: np.ndarray, meanings: 
     latent, true_actions [N] aligned per transition (latent -1: none). Returns {"names": [A]
     names or None for an id never seen, "share": [A] in [0, 1]}.
     """
-    from tinyworlds.metrics.objects import merge_equivalent_actions
-
     keep = latent >= 0
     merged, merged_names = merge_equivalent_actions(true_actions[keep], meanings)
     counts = np.zeros((num_actions, len(merged_names)), dtype=np.int64)  # [A, merged actions]

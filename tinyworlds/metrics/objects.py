@@ -443,19 +443,26 @@ def displacement_sign(positions: Any, dead_zone: float = 0.5) -> np.ndarray:
     """Direction of the player's movement: positions float [N] -> labels int64 [N - 1].
 
     `positions[t]` is the player's coordinate along its axis of control in frame t (NaN where
-    unknown, e.g. the sprite is not found). Label t describes the transition t -> t + 1:
-    +1 if the coordinate grew by more than `dead_zone`, -1 if it shrank by more than
-    `dead_zone`, 0 otherwise, and `UNKNOWN` (-2) where either position is not finite.
+    unknown, e.g. the sprite is not found). Label t describes the transition t -> t + 1, as
+    `move_sign` labels its step.
     """
     where = "displacement_sign"
     x = _numbers(positions, "positions", where)
     if x.ndim != 1 or x.size < 2:
         raise TinyWorldsError(f"{where}: positions must be 1-D [N] with N >= 2, got shape {list(x.shape)}")
+    return move_sign(np.diff(x), dead_zone)  # steps [N - 1]
+
+
+def move_sign(steps: Any, dead_zone: float = 0.5) -> np.ndarray:
+    """Direction of each of the player's moves: steps float [n] (position after minus before) ->
+    labels int64 [n]: +1 if the coordinate grew by more than `dead_zone`, -1 if it shrank by
+    more than `dead_zone`, 0 otherwise, and `UNKNOWN` (-2) where the step is not finite."""
+    where = "move_sign"
+    step = _numbers(steps, "steps", where)
     number = isinstance(dead_zone, (int, float, np.integer, np.floating)) and not isinstance(dead_zone, bool)
     if not number or not dead_zone >= 0:
         raise TinyWorldsError(f"{where}: dead_zone must be a number >= 0, got {dead_zone!r}")
     with np.errstate(invalid="ignore"):
-        step = np.diff(x)  # [N - 1]
         labels = np.where(step > dead_zone, 1, np.where(step < -dead_zone, -1, 0))
     return np.where(np.isfinite(step), labels, UNKNOWN).astype(np.int64)
 
