@@ -105,3 +105,31 @@ def test_misaligned_arrays_and_missing_stores_are_errors(tmp_path):
         ClipDataset([VideoArrays("x", {"frames": a.fields["frames"], "tokens": (b.fields["frames"][0], "frames")})], clip_len=4)
     with pytest.raises(TinyWorldsError, match="not found"):
         ClipDataset([VideoArrays("x", {"frames": (tmp_path / "nope.zarr", "frames")})], clip_len=4)
+
+
+def test_clip_starts_stay_inside_one_segment():
+    labels = np.array([TRAIN] * 12)
+    segment = np.array([0] * 5 + [1] * 3 + [2] * 4)  # drop_idle cut the video after frames 4 and 7
+    assert clip_starts(labels, 3, TRAIN, segment=segment).tolist() == [0, 1, 2, 5, 8, 9]
+    assert clip_starts(labels, 3, TRAIN).tolist() == list(range(10))  # no cuts known: every window
+
+
+def test_clips_never_cross_a_drop_idle_cut(tmp_path):
+    path = tmp_path / "a.zarr"
+    video = make_store(path, 300)
+    cuts = np.zeros(300, dtype=np.int32)
+    cuts[100:], cuts[150:] = 1, 2  # frames 100 and 150 follow dropped idle stretches
+    zarr.open_group(str(path), mode="r+").create_array("segment", data=cuts, chunks=(16,))
+    cut_aware = VideoArrays("a", video.fields, frame_store=path)
+    for skip in (1, 3):
+        plain = ClipDataset([video], clip_len=4, frame_skip=skip)
+        dataset = ClipDataset([cut_aware], clip_len=4, frame_skip=skip)
+        assert 0 < len(dataset) < len(plain)  # the store's cuts are honoured only when named
+        for i in range(len(dataset)):
+            idx = frame_index(dataset[i]["frames"])
+            assert len({int(cuts[f]) for f in idx}) == 1, idx
+    short = zarr.open_group(str(path), mode="r+")
+    del short["segment"]
+    short.create_array("segment", data=cuts[:200], chunks=(16,))
+    with pytest.raises(TinyWorldsError, match="segment ids for 300 frames"):
+        ClipDataset([cut_aware], clip_len=4)

@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 
@@ -199,3 +200,21 @@ def test_changed_pixels_weigh_change_weight_and_residual_starts_by_copying():
     loss, metrics = model.loss(frames)
     assert "change_mse" in metrics and metrics["change_mse"] > metrics["recon_mse"]
     assert torch.isfinite(loss)
+
+
+def test_a_transition_over_a_drop_idle_cut_gets_no_latent_action(tmp_path):
+    import zarr
+
+    from tinyworlds.inference.latent_actions import cache_latent_actions
+
+    frames = np.random.default_rng(0).integers(0, 256, (20, 16, 16, 3), dtype=np.uint8)
+    group = zarr.open_group(str(tmp_path / "cut.zarr"), mode="w")
+    group.create_array("frames", data=frames, chunks=(8, 16, 16, 3))
+    group.create_array("segment", data=np.array([0] * 9 + [1] * 11, dtype=np.int32), chunks=(8,))
+    model = LatentActionModel(LatentActionConfig(frame_size=16, patch_size=8, embed_dim=16, num_heads=2,
+                                                 encoder_blocks=1, decoder_blocks=1)).eval()
+    actions = cache_latent_actions(model, tmp_path / "cut.zarr", tmp_path / "ids.zarr", clip_len=4, frame_skip=2,
+                                   device=torch.device("cpu"))
+    # Transitions t -> t + 2 that start in segment 0 and end in segment 1: t = 7, 8.
+    assert np.flatnonzero(actions[:-2] < 0).tolist() == [7, 8]
+    assert (actions[-2:] == -1).all()  # no frame t + 2 to go to

@@ -10,7 +10,9 @@ The split. Each video's timeline is cut into blocks of `block_frames`; every k-t
 validation. The `gap_frames` frames on either side of each validation block belong to
 neither split, so a training clip never sits right next to a validation clip. A clip is
 kept only if all its frames carry the same label, hence no clip overlaps the other split and
-no clip crosses from one video into the next (each video is windowed on its own).
+no clip crosses from one video into the next (each video is windowed on its own). Nor does a
+clip cross a cut that ingest's `drop_idle` made: frames on either side of a cut were not
+consecutive in the video, so a clip over one would show a jump no model should learn.
 """
 
 from __future__ import annotations
@@ -63,14 +65,31 @@ def frame_labels(num_frames: int, split: SplitConfig) -> np.ndarray:
     return labels
 
 
-def clip_starts(labels: np.ndarray, span: int, want: int, stride: int = 1) -> np.ndarray:
-    """Start indices of windows of `span` frames that lie wholly inside frames labelled `want`."""
+def clip_starts(labels: np.ndarray, span: int, want: int, stride: int = 1,
+                segment: np.ndarray | None = None) -> np.ndarray:
+    """Start indices of windows of `span` frames that lie wholly inside frames labelled `want`
+    and, given the store's `segment` ids [N] (non-decreasing, see `tinyworlds.data.ingest`),
+    inside one segment."""
     if span > len(labels):
         return np.zeros(0, dtype=np.int64)
     inside = np.concatenate([[0], np.cumsum(labels == want)])
     starts = np.arange(0, len(labels) - span + 1)
     whole = (inside[starts + span] - inside[starts]) == span
+    if segment is not None:
+        whole &= segment[starts] == segment[starts + span - 1]  # ids never decrease: same at both ends = no cut
     return starts[whole][::stride] if stride > 1 else starts[whole]
+
+
+def read_segment(path: Location | None, storage_options: dict | None = None) -> np.ndarray | None:
+    """The `segment` ids [N] of a frame store cut by ingest's `drop_idle`; None for a store
+    without cuts (or no store)."""
+    if path is None:
+        return None
+    if str(path).lower().endswith((".h5", ".hdf5")):
+        handle = open_hdf5(path, storage_options)
+        return np.asarray(handle["segment"][:]) if "segment" in handle else None
+    group = open_zarr_group(path, storage_options)
+    return np.asarray(group["segment"][:]) if "segment" in group else None
 
 
 def open_array(path: Location, name: str, storage_options: dict | None = None):
@@ -99,12 +118,15 @@ class VideoArrays:
     e.g. {"frames": (Path("data/frames/pong.zarr"), "frames")} for the tokenizer, or
     {"tokens": (tokens.zarr, "tokens"), "latent_actions": (latent_actions.zarr, "latent_actions")} for dynamics.
     A location may be an fsspec URL ("s3://bucket/frames/pong.zarr"), opened with
-    `storage_options`.
+    `storage_options`. `frame_store`: the video's frame store, whose `segment` array (if
+    ingest's drop_idle cut the video) keeps clips from crossing a cut; the token and latent
+    action caches are aligned with it.
     """
 
     name: str
     fields: dict[str, tuple[Location, str]]
     storage_options: dict | None = None
+    frame_store: Location | None = None
 
 
 class ClipDataset(Dataset):
@@ -145,8 +167,13 @@ class ClipDataset(Dataset):
                        for field, (path, key) in video.fields.items()}
             if len(set(lengths.values())) != 1:
                 raise TinyWorldsError(f"{video.name}: per-frame arrays are not aligned ({lengths})")
-            labels = frame_labels(next(iter(lengths.values())), split_config)
-            starts = clip_starts(labels, self.span, want, stride)
+            count = next(iter(lengths.values()))
+            segment = read_segment(video.frame_store, video.storage_options)
+            if segment is not None and len(segment) != count:
+                raise TinyWorldsError(f"{video.name}: {video.frame_store} has {len(segment)} segment ids for "
+                                      f"{count} frames; rerun `dvc repro`")
+            labels = frame_labels(count, split_config)
+            starts = clip_starts(labels, self.span, want, stride, segment)
             index.append(np.stack([np.full_like(starts, video_id), starts], axis=1))
         self.index = np.concatenate(index) if index else np.zeros((0, 2), dtype=np.int64)
         self._arrays: dict[tuple[int, str], object] | None = None

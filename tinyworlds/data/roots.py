@@ -124,4 +124,5 @@ def clip_datasets(params: dict[str, Any], videos: list[VideoArrays], length: int
 
 
 def frame_videos(data: DataRoot, names: list[str]) -> list[VideoArrays]:
-    return [VideoArrays(name, {"frames": (data.frames(name), "frames")}, data.storage_options) for name in names]
+    return [VideoArrays(name, {"frames": (data.frames(name), "frames")}, data.storage_options, frame_store=data.frames(name))
+            for name in names]

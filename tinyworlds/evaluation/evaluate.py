@@ -156,7 +156,7 @@ def held_out_clips(path: Path, split: SplitConfig, *, clip_len: int, frame_skip:
     the store's, when the caller has it already (else it is computed from the store)."""
     store = open_frame_store(path)
     span = (clip_len - 1) * frame_skip + 1
-    starts = clip_starts(frame_labels(len(store), split), span, VAL, stride=span)
+    starts = clip_starts(frame_labels(len(store), split), span, VAL, stride=span, segment=store.segment)
     if len(starts) == 0:
         raise TinyWorldsError(
             f"{path}: no validation clip of {clip_len} frames (context + evaluate.horizon); lower "

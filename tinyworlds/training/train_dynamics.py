@@ -36,7 +36,7 @@ def dynamics_loss(model: DynamicsModel, batch: dict[str, torch.Tensor]):
 def token_videos(data: DataRoot, names: list[str]) -> list[VideoArrays]:
     return [
         VideoArrays(name, {"tokens": (data.tokens(name), "tokens"), "latent_actions": (data.latent_actions(name), "latent_actions")},
-                    data.storage_options)
+                    data.storage_options, frame_store=data.frames(name))
         for name in names
     ]
 
