@@ -1,8 +1,11 @@
-"""Shared fixtures: tiny test videos made with PyAV and the checks that compare them, and tiny
-random-init world models saved into throwaway projects."""
+"""Shared fixtures: tiny test videos made with PyAV and the checks that compare them, tiny
+random-init world models saved into throwaway projects, what a pipeline logs to MLflow, and a
+headless browser."""
 
 from __future__ import annotations
 
+import os
+import shutil
 from collections.abc import Callable, Sequence
 from fractions import Fraction
 from pathlib import Path
@@ -102,9 +105,9 @@ WINDOW = 4  # max_frames of all three models: dreams start from 3 context frames
 STORE_FRAMES = 40
 
 
-def save_tiny_models(models_dir: Path, num_actions: int = NUM_ACTIONS) -> None:
+def save_tiny_models(models_dir: Path, num_actions: int = NUM_ACTIONS, seed: int = 0) -> None:
     """A consistent tokenizer / LAM / dynamics triple, random init, a few thousand weights each."""
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     shared = dict(frame_size=SIZE, channels=3, patch_size=4, embed_dim=32, num_heads=2, encoder_blocks=1,
                   decoder_blocks=1, max_frames=WINDOW)
     tokenizer = VideoTokenizer(TokenizerConfig(**shared, levels=(4, 4)))
@@ -116,6 +119,47 @@ def save_tiny_models(models_dir: Path, num_actions: int = NUM_ACTIONS) -> None:
     ))
     for kind, model in (("tokenizer", tokenizer), ("lam", actions), ("dynamics", dynamics)):
         save_model(model, models_dir / kind)
+
+
+WORLD_KINDS = ("tokenizer", "lam", "dynamics")
+
+
+@pytest.fixture(scope="session")
+def empty_store(tmp_path_factory) -> Path:
+    """An empty MLflow SQLite store to copy: MLflow's schema migrations take seconds."""
+    from mlflow import MlflowClient
+
+    path = tmp_path_factory.mktemp("template") / "mlflow.db"
+    MlflowClient(f"sqlite:///{path}").search_experiments(max_results=1)  # creates the schema
+    return path
+
+
+def log_pipeline(models_dir: Path, experiment: str, lr: float, tracking_uri: str | None = None) -> dict[str, str]:
+    """What one `dvc exp run` of the pipeline logs, in seconds: a run per training stage with a
+    loss curve (lower for a higher `lr`) and its model from `models_dir` attached, and an
+    evaluate run that scores the three. Returns {stage: run id, "parent": the pipeline's run}."""
+    from unittest import mock
+
+    from tinyworlds.tracking.models import weights_sha256
+    from tinyworlds.tracking.run import StageRun
+
+    ids = {}
+    with mock.patch.dict(os.environ, {"TINYWORLDS_PIPELINE_RUN": f"pipe-{experiment}", "DVC_EXP_NAME": experiment}):
+        for kind in WORLD_KINDS:
+            config = {"model": {"embed_dim": 32}, "train": {"lr": lr, "steps": 20}}
+            with StageRun(f"train_{kind}", config, datasets=["pong"], tracking_uri=tracking_uri) as run:
+                for step in range(4, 21, 4):
+                    validated = {"val_loss": 2.2 / (1 + lr * 100 * step)} if step % 8 == 0 else {}
+                    run.log_metrics({"loss": 2.0 / (1 + lr * 100 * step), "lr": lr, **validated}, step=step)
+                run.log_final({"loss": 2.0 / (1 + lr * 2000), "val_loss": 2.2 / (1 + lr * 2000), "steps": 20})
+                run.attach_model(models_dir / kind)
+            ids[f"train_{kind}"] = run.run_id
+        scored = {"models": {kind: weights_sha256(models_dir / kind) for kind in WORLD_KINDS}}
+        with StageRun("evaluate", scored, datasets=["pong"], tracking_uri=tracking_uri) as run:
+            run.log_final({"pong.headline.tokenizer_fg_psnr": 15.0 + lr * 1000, "pong.tokenizer.fg_psnr": 15.0})
+        ids["evaluate"] = run.run_id
+        ids["parent"] = run.parent_run_id
+    return ids
 
 
 def store_frames(n: int = STORE_FRAMES) -> np.ndarray:
@@ -146,6 +190,27 @@ def make_project(root: Path) -> Path:
     group.create_array("frames", data=store_frames())
     group.attrs["fps"] = 15.0
     return root
+
+
+@pytest.fixture
+def browser(tmp_path):
+    """Headless Chromium driven by selenium; skipped only when chromium/chromedriver are missing."""
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver_path = shutil.which("chromedriver")
+    if chromium is None or driver_path is None:
+        pytest.skip("needs chromium and chromedriver (apt-get install chromium chromium-driver)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                 "--disable-background-networking", "--disable-component-update", "--no-first-run",
+                 f"--user-data-dir={tmp_path / 'chromium-profile'}"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(executable_path=driver_path), options=options)
+    yield driver
+    driver.quit()
 
 
 @pytest.fixture(autouse=True)

@@ -174,7 +174,7 @@ def test_log_to_mlflow(project, monkeypatch):
     client = MlflowClient(uri)
     (run,) = client.search_runs([client.get_experiment_by_name("tinyworlds").experiment_id])
     assert run.data.tags["tinyworlds.stage"] == "dream" and run.info.status == "FINISHED"
-    assert "psnr" in run.data.metrics
+    assert "dream/psnr" in run.data.metrics
     logged = {f.path for f in client.list_artifacts(run.info.run_id, "dream")}
     assert {"dream/dream.mp4", "dream/dream.gif", "dream/dream.json", "dream/sheet.png"} <= logged
 

@@ -219,7 +219,7 @@ def test_mlflow_run_has_metrics_grid_and_videos_that_decode(project, evaluated):
     assert run.data.metrics["pong.headline.tokenizer_fg_recall"] == pytest.approx(
         evaluated["pong"]["headline"]["tokenizer_fg_recall"])
     assert run.data.tags["tinyworlds.device"].startswith("cpu")
-    history = client.get_metric_history(run.info.run_id, "pong.rollout.fg_psnr_by_horizon")
+    history = client.get_metric_history(run.info.run_id, "pong/rollout.fg_psnr_by_horizon")  # detail: a section
     assert [m.step for m in history] == [1, 2, 3]
     names = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"pong_real_reconstruction_prediction.png", "evaluate.json", "rollouts"} <= names

@@ -7,6 +7,7 @@ session; the tests then check its outputs, MLflow runs, and DVC's rerun contract
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -137,6 +138,11 @@ def test_mlflow_has_one_run_per_stage_grouped_by_pipeline_run(project):
     logged_steps = {m.step for m in client.get_metric_history(tokenizer_run.info.run_id, "loss")}
     assert logged_steps == {2, 4, 6, 8, 10, 12}  # every log_every=2 of 12 steps
     assert "val_psnr" in tokenizer_run.data.metrics
+    for stage, kind in (("train_tokenizer", "tokenizer"), ("train_lam", "lam"), ("train_dynamics", "dynamics")):
+        weights = Layout(project).model(kind) / "model.safetensors"  # the run carries the model DVC cached
+        assert by_stage[stage].data.tags[f"tinyworlds.model.{kind}"] == hashlib.sha256(weights.read_bytes()).hexdigest()
+    assert {a.path for a in client.list_artifacts(by_stage["train_lam"].info.run_id, "models/lam")} >= {
+        "models/lam/model.safetensors", "models/lam/config.json", "models/lam/action_names.json"}
 
 
 def test_no_op_repro_reruns_nothing(project):

@@ -27,13 +27,21 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from tests.conftest import NUM_ACTIONS, SIZE, make_project
+from tests.conftest import (
+    NUM_ACTIONS,
+    SIZE,
+    WORLD_KINDS,
+    log_pipeline,
+    make_project,
+    save_tiny_models,
+)
 from tinyworlds.apps.cli import app as cli_app
 from tinyworlds.apps.play import KeyMap, build_app, make_server
 from tinyworlds.apps.play.server import start_message
 from tinyworlds.core.errors import TinyWorldsError
 from tinyworlds.inference.latent_actions import NAMES_FILE
 from tinyworlds.inference.world import GenerationSettings
+from tinyworlds.tracking.models import weights_sha256
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -158,27 +166,6 @@ def test_start_message():
 # a real browser
 
 
-@pytest.fixture
-def browser(tmp_path):
-    """Headless Chromium driven by selenium; skipped only when chromium/chromedriver are missing."""
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    driver_path = shutil.which("chromedriver")
-    if chromium is None or driver_path is None:
-        pytest.skip("needs chromium and chromedriver (apt-get install chromium chromium-driver)")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = chromium
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                 "--disable-background-networking", "--disable-component-update", "--no-first-run",
-                 f"--user-data-dir={tmp_path / 'chromium-profile'}"):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(executable_path=driver_path), options=options)
-    yield driver
-    driver.quit()
-
-
 def test_play_in_a_browser(server, browser):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
@@ -232,21 +219,25 @@ def as_from_a_terminal() -> None:
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
 
+def start_play(args: list[str], cwd: Path, env: dict) -> tuple[subprocess.Popen, str, list[str]]:
+    """`tinyworlds play ARGS` started as from a terminal; (process, its URL, what it printed)."""
+    process = subprocess.Popen([sys.executable, "-m", "tinyworlds.apps.cli", "play", *args], cwd=cwd, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=as_from_a_terminal)
+    lines = []
+    while not any("open http://" in line for line in lines):
+        line = process.stderr.readline()
+        if not line:
+            process.kill()
+            pytest.fail(f"play exited early: {''.join(lines)}{process.stderr.read()}")
+        lines.append(line)
+    return process, re.search(r"http://127\.0\.0\.1:\d+/", "".join(lines)).group(0), lines
+
+
 def test_cli_serves_and_stops_on_ctrl_c(tmp_path):
     root = make_project(tmp_path)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "tinyworlds.apps.cli", "play", "--port", "0", "--device", "cpu"],
-        cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        preexec_fn=as_from_a_terminal,
-    )
+    process, url, lines = start_play(["--port", "0", "--device", "cpu"], root, {**os.environ, "OMP_NUM_THREADS": "1"})
     try:
-        lines = []
-        while not any("open http://" in line for line in lines):
-            line = process.stderr.readline()
-            assert line, f"play exited early: {''.join(lines)}"
-            lines.append(line)
-        url = re.search(r"http://127\.0\.0\.1:\d+/", "".join(lines)).group(0)
         assert "ssh -L" in "".join(lines) or "ssh -L" in process.stderr.readline()
         assert call(url + "api/info")[1]["num_actions"] == NUM_ACTIONS
     finally:
@@ -258,6 +249,42 @@ def test_cli_serves_and_stops_on_ctrl_c(tmp_path):
             _, rest = process.communicate()
             pytest.fail(f"play did not stop within 30 s of Ctrl-C; it printed: {''.join(lines)}{rest}")
     assert process.returncode == 0 and "stopped" in rest
+
+
+def test_play_run_from_a_store_copied_from_another_clone(tmp_path, monkeypatch, empty_store):
+    """`play --run ID` on the mlflow.db and mlartifacts/ of another clone, copied here: the
+    models come from the store (the copy's artifacts), and the page plays them."""
+    other = tmp_path / "other-clone"
+    (other / ".dvc").mkdir(parents=True)
+    shutil.copy(empty_store, other / "mlflow.db")
+    save_tiny_models(other / "trained", seed=3)
+    trained = {kind: weights_sha256(other / "trained" / kind) for kind in WORLD_KINDS}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_", "TINYWORLDS_"))}
+    for name in ("MLFLOW_TRACKING_URI", "DVC_ROOT"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.chdir(other)  # its store is its project's mlflow.db
+    ids = log_pipeline(other / "trained", "exp-far", 1e-3)
+    here = make_project(tmp_path / "here")  # a dataset to start from, other models in data/models
+    shutil.copy(other / "mlflow.db", here / "mlflow.db")
+    shutil.copytree(other / "mlartifacts", here / "mlartifacts")
+    monkeypatch.chdir(tmp_path)
+    shutil.rmtree(other)
+    env.update(OMP_NUM_THREADS="1", XDG_CACHE_HOME=str(tmp_path / "cache"))
+    process, url, lines = start_play(["--run", ids["train_dynamics"][:12], "--port", "0", "--device", "cpu"], here, env)
+    try:
+        assert any(f"models of run {ids['train_dynamics'][:8]} (train_dynamics · pong · exp-far)" in line
+                   for line in lines)
+        status, page = call(url)
+        assert status == 200 and 'id="frame"' in page
+        status, game = call(url + "api/reset", {})
+        assert status == 200 and game["start"].startswith("pong@")
+        status, step = call(url + "api/step", {"session": game["session"], "action": 1})
+        assert status == 200 and step["count"] == 1 and png_frame(step["frame"]).shape == (SIZE, SIZE, 3)
+    finally:
+        process.send_signal(signal.SIGINT)
+        process.communicate(timeout=30)
+    fetched = tmp_path / "cache" / "tinyworlds" / "mlflow-models" / ids["train_dynamics"]
+    assert {kind: weights_sha256(fetched / kind) for kind in WORLD_KINDS} == trained  # the other clone's models
 
 
 def test_cli_errors_are_one_line(tmp_path, monkeypatch):

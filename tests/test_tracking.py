@@ -1,7 +1,8 @@
 """MLflow tracking: stage runs, pipeline grouping, store resolution, fail-fast checks, `tinyworlds runs`.
 
 Every test gets its own project directory (a `.dvc/` dir and a fresh SQLite store in it); the
-store is copied from one made per session, because MLflow's schema migrations take seconds.
+store is copied from one made per session (conftest's `empty_store`), because MLflow's schema
+migrations take seconds.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -21,10 +23,12 @@ import pytest
 from mlflow import MlflowClient
 from typer.testing import CliRunner
 
+from tests.conftest import WORLD_KINDS, log_pipeline, save_tiny_models
 from tinyworlds.apps.cli import app
 from tinyworlds.core.errors import TinyWorldsError
 from tinyworlds.tracking.flatten import flatten_config
 from tinyworlds.tracking.lineage import _is_dvc_pipeline, pipeline_run_id
+from tinyworlds.tracking.models import fetch_run_models, weights_sha256
 from tinyworlds.tracking.run import StageRun
 from tinyworlds.tracking.store import check_tracking, project_root, resolve_tracking_uri
 
@@ -38,13 +42,6 @@ ENV_VARS = (
     "DVC_STAGE",
 )
 CONFIG = {"model": {"lr": 1e-3, "dims": [64, 128], "fsq": {"levels": [8, 8, 8]}}, "seed": 0}
-
-
-@pytest.fixture(scope="session")
-def empty_store(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("template") / "mlflow.db"
-    MlflowClient(f"sqlite:///{path}").search_experiments(max_results=1)  # creates the schema
-    return path
 
 
 @pytest.fixture
@@ -126,7 +123,8 @@ def test_stage_run_logs_params_metrics_tags_and_artifacts(project, monkeypatch):
     assert tags["tinyworlds.pipeline_run"] == "pipe-1"
     assert tags["tinyworlds.dvc_experiment"] == "brisk-lamb"
     assert tags["tinyworlds.final_metrics"] == "val_loss"
-    assert tags["mlflow.runName"] == "train_tokenizer"
+    assert tags["mlflow.runName"] == "train_tokenizer · pong+breakout · brisk-lamb"
+    assert tags["tinyworlds.pipeline"] == "brisk-lamb"  # what the UI's runs view groups by
     assert tags["note"] == "smoke"
 
     # Artifacts land in the project's mlartifacts/, not under whatever the cwd was.
@@ -409,6 +407,179 @@ def test_runs_on_an_empty_store_is_a_one_line_error(project):
     assert result.exit_code == 1
     assert result.stderr.startswith("error: no MLflow runs yet:")
     assert not (project / "mlflow.db").exists()  # looking does not create a store
+
+
+# -- what the MLflow UI shows: names, headline metrics, views -------------------------------
+
+
+def test_runs_are_named_by_stage_datasets_and_commit_under_dvc_repro(project, monkeypatch):
+    commit = git_init(project)
+    monkeypatch.setenv("TINYWORLDS_PIPELINE_RUN", "pipe-R")
+    run_id = run_stage("train_dynamics", 1e-3, 0.5, datasets=("pong", "breakout"))
+    client = client_for(project)
+    run = client.get_run(run_id)
+    assert run.info.run_name == f"train_dynamics · pong+breakout · {commit[:7]}"
+    parent = client.get_run(run.data.tags["mlflow.parentRunId"])
+    assert re.fullmatch(rf"repro {commit[:7]} \d{{4}}-\d\d-\d\d \d\d:\d\d", parent.info.run_name)
+    assert run.data.tags["tinyworlds.pipeline"] == parent.data.tags["tinyworlds.pipeline"] == parent.info.run_name
+
+
+def test_headline_metrics_stay_at_the_top_level_and_detail_goes_under_sections(project):
+    with StageRun("train_lam", CONFIG, datasets=["pong"]) as lam:
+        lam.log_metrics({"loss": 1.0, "lr": 1e-3, "action_usage_0": 0.5}, step=2)
+        lam.log_final({"loss": 0.5, "val_loss": 0.6, "actions_used": 2.0})
+    with StageRun("evaluate", CONFIG, datasets=["pong"]) as evaluate:
+        evaluate.log_metrics({"pong.rollout.fg_psnr_by_horizon": 20.0}, step=1)
+        evaluate.log_final({"pong.headline.tokenizer_fg_psnr": 21.0, "pong.tokenizer.fg_psnr": 21.5,
+                            "throughput.batch_1_frames_per_s": 30.0})
+
+    client = client_for(project)
+    assert set(client.get_run(lam.run_id).data.metrics) == {
+        "loss", "val_loss", "train/lr", "train/action_usage_0", "train/actions_used"}
+    logged = client.get_run(evaluate.run_id).data
+    assert set(logged.metrics) == {"pong.headline.tokenizer_fg_psnr", "pong/tokenizer.fg_psnr",
+                                   "pong/rollout.fg_psnr_by_horizon", "throughput/batch_1_frames_per_s"}
+    assert logged.tags["tinyworlds.final_metrics"] == (
+        "pong.headline.tokenizer_fg_psnr,pong/tokenizer.fg_psnr,throughput/batch_1_frames_per_s")
+
+    result = invoke("--stage", "evaluate")  # the headline figure is the first metric column
+    assert result.exit_code == 0, result.output
+    header = next(line for line in result.output.splitlines() if "pong.headline" in line)
+    assert header.index("pong.headline.tokenizer_fg_psnr") < header.index("pong/tokenizer.fg_psnr")
+
+
+def test_the_experiment_opens_on_the_runs_grouped_by_pipeline_with_headline_columns(project, monkeypatch):
+    monkeypatch.setenv("TINYWORLDS_PIPELINE_RUN", "pipe-two")
+    run_stage("train_tokenizer", 1e-3, 0.5, datasets=("pong", "breakout"))
+    monkeypatch.delenv("TINYWORLDS_PIPELINE_RUN")
+    client = client_for(project)
+    experiment = client.get_experiment_by_name("tinyworlds")
+    tags = experiment.tags
+    assert tags["mlflow.experimentKind"] == "custom_model_development"  # what MLflow 3.0-3.x UIs read
+    view = json.loads(tags["mlflow.sharedViewState.tinyworlds"])
+    assert view["selectedColumns"] == [
+        "metrics.`loss`", "metrics.`val_loss`", "metrics.`mean.headline.tokenizer_fg_psnr`",
+        "metrics.`mean.headline.rollout_minus_copy_fg_psnr_min`", "metrics.`mean.headline.delta_fg_psnr`"]
+    assert view["groupBy"]["groupByKeys"] == [{"mode": "tag", "groupByData": "tinyworlds.pipeline"}]
+    compare = json.loads(tags["mlflow.sharedViewState.tinyworlds-compare"])
+    assert compare["searchFilter"] == "tags.`tinyworlds.stage` = 'train_dynamics'"
+
+    client.set_experiment_tag(experiment.experiment_id, "mlflow.experimentKind", "genai_development")
+    run_stage("train_tokenizer", 1e-3, 0.5, datasets=("pong",))  # by hand: the view stays the pipeline's
+    tags = client.get_experiment(experiment.experiment_id).tags
+    assert tags["mlflow.experimentKind"] == "genai_development"  # someone's own choice is kept
+    assert json.loads(tags["mlflow.sharedViewState.tinyworlds"]) == view
+    monkeypatch.setenv("TINYWORLDS_PIPELINE_RUN", "pipe-pong")  # a pipeline on one dataset
+    run_stage("train_tokenizer", 1e-3, 0.5, datasets=("pong",))
+    tags = client.get_experiment(experiment.experiment_id).tags
+    assert "metrics.`pong.headline.tokenizer_fg_psnr`" in tags["mlflow.sharedViewState.tinyworlds"]
+
+    result = invoke()
+    assert result.exit_code == 0, result.output
+    assert f"mlflow ui --backend-store-uri sqlite:///{project}/mlflow.db" in result.output
+    link = (f"http://127.0.0.1:5000/#/experiments/{experiment.experiment_id}/runs"
+            "?viewStateShareKey=tinyworlds&workflowType=machine_learning")
+    assert link in result.output
+
+
+# -- models attached to runs, and fetched back ------------------------------------------------
+
+
+@pytest.fixture
+def logged_pipeline(project, tmp_path_factory):
+    """One pipeline run with models attached; (models dir, {stage: run id})."""
+    models = tmp_path_factory.mktemp("trained") / "models"
+    save_tiny_models(models)
+    return models, log_pipeline(models, "brisk-lamb", 1e-3)
+
+
+def test_training_runs_carry_their_models(project, logged_pipeline):
+    models, ids = logged_pipeline
+    client = client_for(project)
+    run = client.get_run(ids["train_lam"])
+    assert run.data.tags["tinyworlds.model.lam"] == weights_sha256(models / "lam")
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "models/lam")} == {
+        "models/lam/model.safetensors", "models/lam/config.json"}
+    assert "tinyworlds.model.lam" not in client.get_run(ids["evaluate"]).data.tags  # it scored, not trained
+
+
+def test_finish_training_attaches_the_trained_model_with_what_is_written_beside_it(project):
+    from types import SimpleNamespace
+
+    from tinyworlds.core.params import Layout
+    from tinyworlds.models import TokenizerConfig, VideoTokenizer
+    from tinyworlds.training.setup import finish_training
+
+    layout = Layout(project)
+    model = VideoTokenizer(TokenizerConfig(frame_size=16, channels=3, patch_size=4, embed_dim=32, num_heads=2,
+                                           encoder_blocks=1, decoder_blocks=1, max_frames=2, levels=(4, 4)))
+    result = SimpleNamespace(model=model, final={"loss": 0.5}, step=3, history=[{"step": 3, "loss": 0.5}],
+                             resumed_from=0)
+    with StageRun("train_tokenizer", CONFIG) as run:
+        finish_training("train_tokenizer", result, layout, run, layout.model("tokenizer"), {"val_psnr": 20.0})
+        (layout.model("tokenizer") / "notes.json").write_text("{}")  # as train_lam writes its action names
+    artifacts = {a.path for a in client_for(project).list_artifacts(run.run_id, "models/tokenizer")}
+    assert artifacts == {f"models/tokenizer/{name}" for name in ("model.safetensors", "config.json", "notes.json")}
+
+
+def test_a_failed_stage_attaches_nothing(project, tmp_path):
+    save_tiny_models(tmp_path / "models")
+    with pytest.raises(ValueError), StageRun("train_lam", CONFIG) as run:
+        run.attach_model(tmp_path / "models" / "lam")
+        raise ValueError("diverged")
+    logged = client_for(project).get_run(run.run_id)
+    assert "tinyworlds.model.lam" not in logged.data.tags
+    assert client_for(project).list_artifacts(run.run_id, "models") == []
+    with pytest.raises(TinyWorldsError, match="no model.safetensors to attach"), StageRun("train_lam", CONFIG) as run:
+        run.attach_model(tmp_path / "nowhere")
+    with pytest.raises(TinyWorldsError, match="no model.safetensors to attach"), StageRun("train_lam", CONFIG) as run:
+        run.attach_model(tmp_path / "models" / "lam")
+        shutil.rmtree(tmp_path / "models" / "lam")  # gone before the run ends: the run fails, saying why
+    logged = client_for(project).get_run(run.run_id)
+    assert logged.info.status == "FAILED" and "no model.safetensors" in logged.data.tags["tinyworlds.error"]
+
+
+def test_models_are_fetched_from_a_store_copied_from_another_clone(project, logged_pipeline, tmp_path_factory,
+                                                                   monkeypatch):
+    models, ids = logged_pipeline
+    clone = tmp_path_factory.mktemp("other-clone")
+    shutil.copy(project / "mlflow.db", clone / "mlflow.db")
+    shutil.copytree(project / "mlartifacts", clone / "mlartifacts")
+    shutil.rmtree(project / "mlartifacts")  # the paths the store remembers are gone
+    monkeypatch.chdir(clone)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(clone / "cache"))
+
+    # the pipeline's run, its evaluate run, a training run alone (by a prefix)
+    for ref in (ids["parent"], ids["evaluate"], ids["train_dynamics"][:10]):
+        fetched = fetch_run_models(ref, WORLD_KINDS)
+        assert fetched.parent == clone / "cache" / "tinyworlds" / "mlflow-models"
+        assert {kind: weights_sha256(fetched / kind) for kind in WORLD_KINDS} == {
+            kind: weights_sha256(models / kind) for kind in WORLD_KINDS}
+
+
+def test_bad_run_references_are_one_line_errors(project, logged_pipeline, monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    lonely = run_stage("train_tokenizer", 1e-3, 0.5)  # logged without a model
+    with StageRun("train_tokenizer", CONFIG) as alone:  # a model no evaluate run scored
+        save_tiny_models(tmp_path / "models", seed=1)
+        alone.attach_model(tmp_path / "models" / "tokenizer")
+
+    for ref, message in [
+        ("deadbeef", "run 'deadbeef': no run with this id in experiment 'tinyworlds'"),
+        ("not-an-id", "run 'not-an-id': not an MLflow run id (hex digits)"),
+        (lonely, f"run {lonely[:8]} (train_tokenizer · pong): has no models"),
+        (alone.run_id, f"run {alone.run_id[:8]} (train_tokenizer): names no lam or dynamics model"),
+    ]:
+        result = CliRunner().invoke(app, ["play", "--run", ref, "--device", "cpu"])
+        assert result.exit_code == 1
+        assert result.stderr.startswith(f"error: {message}") and result.stderr.count("\n") == 1, result.stderr
+
+    result = CliRunner().invoke(app, ["dream", "--run", lonely, "--models", "data/models"])
+    assert result.exit_code == 1 and result.stderr == "error: --models and --run: give one of them: " \
+        "a model directory or an MLflow run\n"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{closed_port()}")
+    result = CliRunner().invoke(app, ["play", "--run", lonely])
+    assert result.exit_code == 1 and "unreachable" in result.stderr and result.stderr.count("\n") == 1
 
 
 # -- end to end under DVC --------------------------------------------------------------------

@@ -44,6 +44,21 @@ def user_errors(command):
     return wrapper
 
 
+WORLD_MODEL_KINDS = ("tokenizer", "lam", "dynamics")  # the folders `WorldModel.load` reads
+DEFAULT_MODELS = Path("data/models")
+
+
+def models_dir(models: Path | None, run: str | None) -> Path:
+    """--models, or the models of MLflow run --run fetched from the tracking store, or data/models."""
+    if run is None:
+        return models or DEFAULT_MODELS
+    if models is not None:
+        raise ParameterError(("models", "run"), "give one of them: a model directory or an MLflow run")
+    from tinyworlds.tracking.models import fetch_run_models
+
+    return fetch_run_models(run, WORLD_MODEL_KINDS, say=lambda line: typer.echo(line, err=True))
+
+
 def parse_crop(text: str | None) -> tuple[int, int, int, int] | None:
     """`X,Y,W,H` in source pixels -> a tuple, or a one-line error."""
     if text is None:
@@ -165,7 +180,8 @@ def dream(
     schedule: Annotated[str, typer.Option(help="Unmasking schedule: cosine, exponential or linear.")] = "cosine",
     temperature: Annotated[float, typer.Option(help="Sampling temperature; 0 is greedy.")] = 1.0,
     seed: Annotated[Optional[int], typer.Option(help="Seed of the sampling, random actions and random start (default: new).")] = None,
-    models: Annotated[Path, typer.Option(help="Directory with tokenizer/, lam/ and dynamics/.")] = Path("data/models"),
+    models: Annotated[Optional[Path], typer.Option(help="Directory with tokenizer/, lam/ and dynamics/ (default data/models).")] = None,
+    run: Annotated[Optional[str], typer.Option(help="Use the models of this MLflow run (id or unique prefix), fetched from the tracking store.")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
     threads: Annotated[str, typer.Option(help="CPU threads: auto (the cores other processes leave idle) or a number.")] = "auto",
     out: Annotated[Optional[Path], typer.Option(help="Output directory (default: a new data/dreams/<time>-<start>).")] = None,
@@ -187,7 +203,7 @@ def dream(
         ActionRequest(actions=actions, random_actions=random_actions, replay=replay),
         GenerationSettings(steps=steps, schedule=schedule, temperature=temperature, seed=seed),
         DreamOutput(out=out, scale=scale, compare=compare, log=log),
-        frames=frames, batch=batch, models=models, device=device, threads=threads,
+        frames=frames, batch=batch, models=models_dir(models, run), device=device, threads=threads,
         say=lambda line: typer.echo(line, err=True),
     )
     typer.echo(result.summary())
@@ -196,7 +212,8 @@ def dream(
 @app.command()
 @user_errors
 def play(
-    models: Annotated[Path, typer.Option(help="Directory with tokenizer/, lam/ and dynamics/.")] = Path("data/models"),
+    models: Annotated[Optional[Path], typer.Option(help="Directory with tokenizer/, lam/ and dynamics/ (default data/models).")] = None,
+    run: Annotated[Optional[str], typer.Option(help="Play the models of this MLflow run (id or unique prefix), fetched from the tracking store.")] = None,
     dataset: Annotated[Optional[str], typer.Option(help="Start (and reset) from random clips of this dataset (default: any ingested).")] = None,
     index: Annotated[Optional[int], typer.Option(help="Always start from this frame of --dataset.")] = None,
     image: Annotated[Optional[Path], typer.Option(help="Start (and reset) from this image instead.")] = None,
@@ -217,7 +234,7 @@ def play(
     from tinyworlds.inference.world import GenerationSettings
 
     serve(
-        models=models, device=device, threads=threads, keys=keys,
+        models=models_dir(models, run), device=device, threads=threads, keys=keys,
         start=StartRequest(dataset=dataset, index=index, image=image, context=context),
         settings=GenerationSettings(steps=steps, schedule=schedule, temperature=temperature, seed=seed),
         host=host, port=port, say=lambda line: typer.echo(line, err=True),

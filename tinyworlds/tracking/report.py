@@ -9,41 +9,20 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from tinyworlds.core.errors import ParameterError, TinyWorldsError
-from tinyworlds.tracking.store import (
-    check_tracking,
-    client_for,
-    resolve_tracking_uri,
-    sqlite_path,
-    store_errors,
-    tracking_settings,
-)
+from tinyworlds.tracking.naming import is_headline
+from tinyworlds.tracking.store import find_run, open_for_reading, store_errors
 from tinyworlds.tracking.tags import (
     COMMIT_TAG,
     DATASETS_TAG,
     FINAL_METRICS_TAG,
+    PIPELINE_NAME_TAG,
     PIPELINE_TAG,
     STAGE_TAG,
 )
+from tinyworlds.tracking.ui import ui_command, view_link
 
 KEY_PARAMS_SHOWN = 6
 FINAL_METRICS_SHOWN = 8
-
-
-def _open_store(experiment: str | None):
-    """(client, experiment id, experiment name, uri) for reading, or a one-line error."""
-    uri_setting, default_experiment = tracking_settings()
-    name = experiment or default_experiment
-    uri = resolve_tracking_uri(uri_setting)
-    db = sqlite_path(uri)
-    if db is not None and not db.exists():
-        raise TinyWorldsError(f"no MLflow runs yet: {db} does not exist (run a pipeline stage first)")
-    check_tracking(uri, for_writing=False)
-    client = client_for(uri)
-    with store_errors(uri, "reading experiments"):
-        found = client.get_experiment_by_name(name)
-    if found is None:
-        raise TinyWorldsError(f"no MLflow experiment {name!r} in {uri}")
-    return client, found.experiment_id, name, uri
 
 
 def _short(run_id: str) -> str:
@@ -80,26 +59,6 @@ def _console():
     return Console(width=None if sys.stdout.isatty() else 1000, highlight=False)
 
 
-def _resolve_run(client, experiment_id: str, experiment: str, run_ref: str):
-    """A run by full id (any experiment) or by a prefix unique in `experiment`."""
-    from mlflow.exceptions import MlflowException
-
-    ref = run_ref.strip().lower()
-    if not re.fullmatch(r"[0-9a-f]{1,32}", ref):
-        raise TinyWorldsError(f"run {run_ref!r}: not an MLflow run id (hex digits)")
-    if len(ref) == 32:
-        try:
-            return client.get_run(ref)
-        except MlflowException:
-            raise TinyWorldsError(f"run {run_ref!r}: no such MLflow run") from None
-    found = client.search_runs([experiment_id], filter_string=f"attributes.run_id LIKE '{ref}%'", max_results=2)
-    if not found:
-        raise TinyWorldsError(f"run {run_ref!r}: no run with this id in experiment {experiment!r}")
-    if len(found) > 1:
-        raise TinyWorldsError(f"run {run_ref!r}: more than one run starts with this; give more of the id")
-    return found[0]
-
-
 def print_runs(
     stage: str | None = None,
     limit: int = 10,
@@ -116,7 +75,7 @@ def print_runs(
         raise ParameterError("stage", "not a stage name", stage)
     from rich.table import Table
 
-    client, experiment_id, name, uri = _open_store(experiment)
+    client, experiment_id, name, uri = open_for_reading(experiment)
     where = f"tags.`{STAGE_TAG}` = '{stage}'" if stage else f"tags.`{STAGE_TAG}` LIKE '%'"
     with store_errors(uri, "searching runs"):
         runs = client.search_runs(
@@ -129,7 +88,7 @@ def print_runs(
     params = [run.data.params for run in runs]
     finals = [_finals(run) for run in runs]
     key_params = _differing(params)
-    metric_names = sorted(set().union(*finals))
+    metric_names = sorted(set().union(*finals), key=lambda n: (not is_headline(n), n))  # headline first
     table = Table(title=f"{name}: {len(runs)} latest runs" + (f" of {stage}" if stage else ""))
     table.add_column("run", no_wrap=True)
     for column in ("stage", "started", "status", "datasets", "pipeline"):
@@ -146,7 +105,7 @@ def print_runs(
             _started(run),
             run.info.status,
             tags.get(DATASETS_TAG) or "-",
-            tags.get(PIPELINE_TAG, "-")[:16],
+            tags.get(PIPELINE_NAME_TAG) or tags.get(PIPELINE_TAG, "-")[:16],
             *(_fmt(run_params.get(k)) for k in key_params[:KEY_PARAMS_SHOWN]),
             *(_fmt(run_finals.get(m)) for m in metric_names[:FINAL_METRICS_SHOWN]),
         )
@@ -155,6 +114,8 @@ def print_runs(
     hidden = len(key_params) - KEY_PARAMS_SHOWN
     if hidden > 0:
         console.print(f"{hidden} more params differ between these runs; compare two with --diff RUN --diff RUN")
+    serve = ui_command(uri)
+    console.print(f"in the MLflow UI{f' (serve it: {serve})' if serve else ''}: {view_link(uri, experiment_id)}")
 
 
 def _print_diff(refs: list[str], experiment: str | None) -> None:
@@ -162,9 +123,8 @@ def _print_diff(refs: list[str], experiment: str | None) -> None:
 
     if len(refs) != 2:
         raise ParameterError("diff", f"takes exactly two run ids (--diff A --diff B), got {len(refs)}")
-    client, experiment_id, name, uri = _open_store(experiment)
-    with store_errors(uri, "reading runs"):
-        a, b = (_resolve_run(client, experiment_id, name, ref) for ref in refs)
+    store = open_for_reading(experiment)
+    a, b = (find_run(store, ref) for ref in refs)
 
     table = Table(title=f"{_short(a.info.run_id)} vs {_short(b.info.run_id)}")
     table.add_column("", no_wrap=True)
@@ -175,7 +135,7 @@ def _print_diff(refs: list[str], experiment: str | None) -> None:
         ("started", _started),
         ("status", lambda r: r.info.status),
         ("datasets", lambda r: r.data.tags.get(DATASETS_TAG) or "-"),
-        ("pipeline", lambda r: r.data.tags.get(PIPELINE_TAG, "-")),
+        ("pipeline", lambda r: r.data.tags.get(PIPELINE_NAME_TAG) or r.data.tags.get(PIPELINE_TAG, "-")),
         ("commit", lambda r: r.data.tags.get(COMMIT_TAG, "-")[:12]),
     ):
         table.add_row(label, get(a), get(b), style="dim")

@@ -20,6 +20,8 @@ from tinyworlds.tracking.flatten import (
     plain,
 )
 from tinyworlds.tracking.lineage import git_commit, pipeline_run
+from tinyworlds.tracking.models import check_model_dir, upload_model
+from tinyworlds.tracking.naming import metric_name, pipeline_label, stage_run_name
 from tinyworlds.tracking.store import (
     check_tracking,
     client_for,
@@ -37,9 +39,11 @@ from tinyworlds.tracking.tags import (
     ERROR_TAG,
     FINAL_METRICS_TAG,
     PARENT_TAG,
+    PIPELINE_NAME_TAG,
     PIPELINE_TAG,
     STAGE_TAG,
 )
+from tinyworlds.tracking.ui import set_up_experiment
 
 PARAMS_PER_BATCH = 100  # MLflow's per-request limits
 METRICS_PER_BATCH = 1000
@@ -67,11 +71,15 @@ class StageRun:
         with StageRun("train_tokenizer", config, datasets=["pong"]) as run:
             run.log_metrics({"loss": loss, "lr": lr}, step=step)  # every N steps
             run.log_final({"val_loss": val_loss})
+            run.attach_model("data/models/tokenizer")  # uploaded when the run ends well
 
     On entry it checks the store (a one-line TinyWorldsError within seconds if unusable),
-    creates the run under its pipeline's parent run, and logs the flattened config as params
-    and in full as resolved_config.json. On exit the run ends FINISHED, FAILED (the exception still
-    propagates) or KILLED (KeyboardInterrupt). `experiment` and `tracking_uri` default to
+    creates the run under its pipeline's parent run, named `stage · datasets · experiment`
+    (`naming`), sets up the experiment's UI views (`ui`), and logs the flattened config as
+    params and in full as resolved_config.json. Metric names go through `naming.metric_name`:
+    headline figures at the top level, detail under a section prefix. On exit the attached
+    models are uploaded and the run ends FINISHED, FAILED (the exception still propagates) or
+    KILLED (KeyboardInterrupt). `experiment` and `tracking_uri` default to
     params.yaml's `tracking` section; `MLFLOW_TRACKING_URI` overrides both.
     """
 
@@ -96,6 +104,7 @@ class StageRun:
         self._failed_metric_batches = 0
         self._last_step = 0
         self._final_names: set[str] = set()
+        self._models: list[Path] = []
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -116,6 +125,7 @@ class StageRun:
         self.pipeline_run, in_pipeline = pipeline_run()
         client = self._client = client_for(uri)
         commit = git_commit()
+        dvc_experiment = os.environ.get("DVC_EXP_NAME") or None
         tags = {
             STAGE_TAG: self.stage,
             DATASETS_TAG: ",".join(self.datasets),
@@ -129,10 +139,15 @@ class StageRun:
                 tags[tag] = os.environ[env_name]
         with store_errors(uri, "starting the run"):
             experiment_id = experiment_id_for(client, experiment, uri)
+            set_up_experiment(client, experiment_id, self.datasets, in_pipeline)
+            label = pipeline_label(dvc_experiment, commit)
             if in_pipeline:
-                self._parent_id = self._pipeline_parent(experiment_id, commit)
+                self._parent_id, label = self._pipeline_parent(experiment_id, commit, label)
                 tags[MLFLOW_PARENT_RUN_ID] = self._parent_id
-            self._run = client.create_run(experiment_id, run_name=self.stage, tags=tags)
+            if label:
+                tags[PIPELINE_NAME_TAG] = label
+            name = stage_run_name(self.stage, self.datasets, dvc_experiment, commit)
+            self._run = client.create_run(experiment_id, run_name=name, tags=tags)
         try:
             with store_errors(uri, "logging the config"):
                 for chunk in chunks(params, PARAMS_PER_BATCH):
@@ -143,8 +158,9 @@ class StageRun:
             raise
         return self
 
-    def _pipeline_parent(self, experiment_id: str, commit: str) -> str:
-        """The parent run of this pipeline run, created by its first stage; marked RUNNING."""
+    def _pipeline_parent(self, experiment_id: str, commit: str, label: str | None) -> tuple[str, str]:
+        """(id, name) of this pipeline run's parent run, created by its first stage and named
+        `label` then; marked RUNNING."""
         client = self._client
         found = client.search_runs(
             [experiment_id],
@@ -155,18 +171,26 @@ class StageRun:
             parent = found[0]
             if parent.info.status not in ("FAILED", "KILLED"):  # a failed pipeline stays failed
                 client.update_run(parent.info.run_id, status="RUNNING")
-            return parent.info.run_id
-        dvc_experiment = os.environ.get("DVC_EXP_NAME")
-        tags = {PARENT_TAG: "true", PIPELINE_TAG: self.pipeline_run, COMMIT_TAG: commit}
-        if dvc_experiment:
-            tags[DVC_EXPERIMENT_TAG] = dvc_experiment
-        name = dvc_experiment or f"pipeline {self.pipeline_run}"
-        return client.create_run(experiment_id, run_name=name, tags=tags).info.run_id
+            return parent.info.run_id, parent.info.run_name
+        name = label or f"pipeline {self.pipeline_run}"
+        tags = {PARENT_TAG: "true", PIPELINE_TAG: self.pipeline_run, PIPELINE_NAME_TAG: name, COMMIT_TAG: commit}
+        if os.environ.get("DVC_EXP_NAME"):
+            tags[DVC_EXPERIMENT_TAG] = os.environ["DVC_EXP_NAME"]
+        return client.create_run(experiment_id, run_name=name, tags=tags).info.run_id, name
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         if self._run is None:
             return False
         status = _end_status(exc_type, exc)
+        upload_error = None
+        if status == "FINISHED" and self._models:
+            try:
+                with store_errors(self.tracking_uri, f"attaching the models to run {self.run_id}"):
+                    for model_dir in self._models:
+                        upload_model(self._client, self.run_id, model_dir)
+            except TinyWorldsError as err:  # the run failed at its last step: it ends FAILED, saying why
+                upload_error = exc = err
+                exc_type, status = TinyWorldsError, "FAILED"
         try:
             if status != "FINISHED" and exc is not None:
                 summary = (f"{exc_type.__name__}: {exc}" if str(exc) else exc_type.__name__).splitlines()[0]
@@ -190,6 +214,8 @@ class StageRun:
             _log.warning(
                 "MLflow run %s: %d metric batches could not be logged", self.run_id, self._failed_metric_batches
             )
+        if upload_error is not None:
+            raise upload_error
         return False
 
     # -- identity ----------------------------------------------------------------------------
@@ -199,6 +225,11 @@ class StageRun:
         if self._run is None:
             raise RuntimeError("StageRun is not started: use it in a `with` block")
         return self._run.info.run_id
+
+    @property
+    def parent_run_id(self) -> str | None:
+        """The pipeline's parent run (None for a run outside a pipeline)."""
+        return self._parent_id
 
     @property
     def artifact_uri(self) -> str:
@@ -212,7 +243,8 @@ class StageRun:
         from mlflow.entities import Metric
 
         timestamp = _now_ms()
-        return [Metric(clean_key(k), float(v), timestamp, int(step)) for k, v in metrics.items()]
+        return [Metric(metric_name(clean_key(k), self.stage), float(v), timestamp, int(step))
+                for k, v in metrics.items()]
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         """Log step metrics in one request (a few ms on SQLite); call it every N steps.
@@ -235,7 +267,8 @@ class StageRun:
                 )
 
     def log_final(self, metrics: Mapping[str, float]) -> None:
-        """Log summary metrics (what `tinyworlds runs` shows), named as in the metrics JSON.
+        """Log summary metrics (what `tinyworlds runs` shows), named as in the metrics JSON
+        (the detail under its section prefix: `pong.tokenizer.fg_psnr` -> `pong/tokenizer.fg_psnr`).
 
         They are logged at the last step seen, so where a step metric has the same name
         (val_loss) the final value is also the run's latest value of it in MLflow.
@@ -265,6 +298,12 @@ class StageRun:
                 self._client.log_artifacts(self.run_id, str(path), artifact_path)
             else:
                 self._client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def attach_model(self, model_dir: str | os.PathLike) -> None:
+        """Attach a model directory (model.safetensors + config.json) as artifacts `models/<kind>/`,
+        kind being the directory's name, tagged with its sha256 (`tracking.models`). It is
+        uploaded when the run ends well, so files written beside the model later go with it."""
+        self._models.append(check_model_dir(Path(model_dir)))
 
     def log_dict(self, dictionary: Mapping[str, Any], artifact_file: str) -> None:
         """Save a dict as a JSON (or YAML, by suffix) artifact."""

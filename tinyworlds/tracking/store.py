@@ -9,6 +9,7 @@ import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any, NamedTuple
 
 from tinyworlds.core.errors import TinyWorldsError
 
@@ -144,15 +145,11 @@ def store_errors(uri: str, doing: str) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _quick_http(timeout_s: int) -> Iterator[None]:
-    """No retries and a short timeout for MLflow's HTTP requests while inside the block.
-
-    Names from mlflow.environment_variables; MLflow reads them on every request. The
-    defaults (5 retries with backoff, 120 s timeout) stay in force for the training itself.
-    """
-    quick = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": str(timeout_s)}
-    saved = {name: os.environ.get(name) for name in quick}
-    os.environ.update(quick)
+def mlflow_settings(**settings: str) -> Iterator[None]:
+    """MLflow settings (names from mlflow.environment_variables, which MLflow reads on every
+    call) in force inside the block only."""
+    saved = {name: os.environ.get(name) for name in settings}
+    os.environ.update(settings)
     try:
         yield
     finally:
@@ -161,6 +158,12 @@ def _quick_http(timeout_s: int) -> Iterator[None]:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
+
+
+def _quick_http(timeout_s: int):
+    """No retries and a short timeout for MLflow's HTTP requests while inside the block. The
+    defaults (5 retries with backoff, 120 s timeout) stay in force for the training itself."""
+    return mlflow_settings(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT=str(timeout_s))
 
 
 def check_tracking(uri: str, timeout_s: int = CHECK_TIMEOUT_S, for_writing: bool = True) -> None:
@@ -210,3 +213,54 @@ def experiment_id_for(client, name: str, uri: str) -> str:
             f"or set tracking.experiment to another name"
         )
     return experiment.experiment_id
+
+
+# ---------------------------------------------------------------------------------------------
+# reading: `tinyworlds runs`, `play --run`, `dream --run`
+
+
+class ReadableStore(NamedTuple):
+    client: Any  # MlflowClient
+    experiment_id: str
+    experiment: str
+    uri: str
+
+
+def open_for_reading(experiment: str | None = None) -> ReadableStore:
+    """The store and experiment of params.yaml (or `MLFLOW_TRACKING_URI`), checked, for reading;
+    a one-line error if there is none. Looking never creates a store."""
+    uri_setting, default_experiment = tracking_settings()
+    name = experiment or default_experiment
+    uri = resolve_tracking_uri(uri_setting)
+    db = sqlite_path(uri)
+    if db is not None and not db.exists():
+        raise TinyWorldsError(f"no MLflow runs yet: {db} does not exist (run a pipeline stage first)")
+    check_tracking(uri, for_writing=False)
+    client = client_for(uri)
+    with store_errors(uri, "reading experiments"):
+        found = client.get_experiment_by_name(name)
+    if found is None:
+        raise TinyWorldsError(f"no MLflow experiment {name!r} in {uri}")
+    return ReadableStore(client, found.experiment_id, name, uri)
+
+
+def find_run(store: ReadableStore, run_ref: str):
+    """A run by full id (any experiment) or by a prefix unique in the store's experiment."""
+    from mlflow.exceptions import MlflowException
+
+    ref = run_ref.strip().lower()
+    if not re.fullmatch(r"[0-9a-f]{1,32}", ref):
+        raise TinyWorldsError(f"run {run_ref!r}: not an MLflow run id (hex digits)")
+    with store_errors(store.uri, f"reading run {run_ref}"):
+        if len(ref) == 32:
+            try:
+                return store.client.get_run(ref)
+            except MlflowException:
+                raise TinyWorldsError(f"run {run_ref!r}: no such MLflow run in {store.uri}") from None
+        found = store.client.search_runs([store.experiment_id], filter_string=f"attributes.run_id LIKE '{ref}%'",
+                                         max_results=2)
+    if not found:
+        raise TinyWorldsError(f"run {run_ref!r}: no run with this id in experiment {store.experiment!r}")
+    if len(found) > 1:
+        raise TinyWorldsError(f"run {run_ref!r}: more than one run starts with this; give more of the id")
+    return found[0]

@@ -71,7 +71,7 @@ def finish_training(stage: str, result, layout: Layout, run, model_dir: Path, ex
     write_json(final, layout.metrics(stage))
     write_csv(result.history, layout.history(stage))
     run.log_final(final)
-    run.log_artifact(model_dir / "config.json")
+    run.attach_model(model_dir)  # uploaded as artifacts models/<kind>/ when the run ends well
     run.set_tags({"tinyworlds.model_dir": str(model_dir), "tinyworlds.resumed_from_step": str(result.resumed_from),
                   "tinyworlds.processes": str(distributed.world_size())})
     return final
