@@ -7,6 +7,7 @@ that each script finishes and writes results JSON with the fields its summary ta
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -20,13 +21,18 @@ TINY = {
     "bench_threads.py": ["--preset", "tiny", "--reps", "1", "--frames", "2", "--steps", "2", "--busy", "0"],
     "bench_loader.py": ["--preset", "tiny", "--frames", "2400", "--batches", "2", "--reps", "1", "--warmup", "0"],
     "bench_ingest.py": ["--frames", "120", "--reps", "1"],
+    # Without TW_REF (run() unsets it) only our side runs: TinyWorlds is never part of CI.
+    "bench_tinyworlds.py": ["--preset", "tiny", "--reps", "1", "--threads", "1", "--gemm-size", "256"],
 }
+CPU_ONLY = ("bench_ingest.py", "bench_threads.py", "bench_tinyworlds.py")  # these take no --device
 
 
-def run(script: str, *args: str, timeout: int = 240) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, str(REPO / "bench" / script), *args], cwd=REPO,
-                            capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, f"{script} failed:\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
+def run(script: str, *args: str, timeout: int = 240, check: bool = True) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "TW_REF"}
+    result = subprocess.run([sys.executable, str(REPO / "bench" / script), *args], cwd=REPO, check=False,
+                            capture_output=True, text=True, timeout=timeout, env=env)
+    if check:
+        assert result.returncode == 0, f"{script} failed:\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
     return result
 
 
@@ -38,8 +44,10 @@ def test_every_bench_script_has_a_smoke_run():
 @pytest.mark.parametrize("script", sorted(TINY))
 def test_bench_script_runs_at_tiny_sizes(script, tmp_path):
     out = tmp_path / ("ingest" if script == "bench_ingest.py" else "results.json")
-    on_cpu = [] if script in ("bench_ingest.py", "bench_threads.py") else ["--device", "cpu"]  # these are CPU-only
-    run(script, *TINY[script], *on_cpu, "--out", str(out))
+    on_cpu = [] if script in CPU_ONLY else ["--device", "cpu"]
+    result = run(script, *TINY[script], *on_cpu, "--out", str(out))
+    if script == "bench_tinyworlds.py":  # no TinyWorlds tree: our side alone, and it says so
+        assert "TW_REF is not set: timing our side only" in result.stdout
     written = sorted(out.rglob("*.json")) if out.is_dir() else [out]
     assert written, f"{script} wrote no results"
     for path in written:
@@ -52,3 +60,11 @@ def test_the_summary_tables_build_from_the_smoke_results(tmp_path):
         run(script, *TINY[script], "--device", "cpu", "--out", str(tmp_path / name))
     result = run("run_all.py", "--summarize", "--results", str(tmp_path))
     assert "wrote" in result.stdout and (tmp_path / "summary.md").read_text().strip()
+
+
+def test_tinyworlds_side_by_side_rejects_a_bad_tree_in_one_line(tmp_path):
+    bad = run("bench_tinyworlds.py", "--tw-ref", str(tmp_path / "nowhere"), check=False)
+    assert bad.returncode != 0
+    expected = (f"error: TW_REF={tmp_path / 'nowhere'}: not a TinyWorlds tree (no models/video_tokenizer.py); "
+                "export AlmondGod/tinyworlds there")
+    assert bad.stderr.strip().splitlines() == [expected]
