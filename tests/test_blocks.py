@@ -1,11 +1,14 @@
 import pytest
 import torch
+import torch.nn.functional as F
+from einops import rearrange
 
 from tinyworlds.core.errors import TinyWorldsError
 from tinyworlds.models.blocks import (
     SpaceTimeBlock,
     SpaceTimeTransformer,
     patchify,
+    short_attention,
     sincos_1d,
     sincos_2d,
     unpatchify,
@@ -100,3 +103,17 @@ def test_spatial_only_transformer_treats_every_frame_alone():
     # no time position either: the same frame gives the same output at any index
     assert torch.allclose(model(x[:, 2:3]), out[:, 2:3], atol=1e-6)
     assert not any("attn_time" in name for name in model.state_dict())
+
+
+@pytest.mark.parametrize("frames,causal", [(1, True), (2, True), (4, True), (3, False)])
+def test_short_attention_equals_sdpa_with_its_gradients(frames, causal):
+    """The dense path for a few frames and narrow heads is the same attention as SDPA."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(5, frames, 8 * 4, dtype=torch.float64, requires_grad=True) for _ in range(3))  # [R, L, E]
+    heads = [rearrange(z, "n l (h d) -> n h l d", h=8) for z in (q, k, v)]
+    expected = rearrange(F.scaled_dot_product_attention(*heads, is_causal=causal), "n h l d -> n l (h d)")
+    got = short_attention(q, k, v, 8, causal=causal)
+    assert torch.allclose(got, expected, atol=1e-12)
+    grads = torch.autograd.grad(got.square().sum(), (q, k, v))
+    expected_grads = torch.autograd.grad(expected.square().sum(), (q, k, v))
+    assert all(torch.allclose(a, b, atol=1e-12) for a, b in zip(grads, expected_grads))

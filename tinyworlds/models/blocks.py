@@ -147,6 +147,8 @@ class Attention(nn.Module):
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, *, causal: bool) -> Tensor:
         """Queries [R, Lq, E] over keys and values [R, Lk, E] -> [R, Lq, E]."""
+        if k.shape[1] <= SHORT_KEYS and q.shape[-1] // self.num_heads <= NARROW_HEAD:
+            return self.proj(short_attention(q, k, v, self.num_heads, causal=causal))
         q, k, v = (rearrange(z, "n l (h d) -> n h l d", h=self.num_heads) for z in (q, k, v))  # [R, h, Lq or Lk, d]
         y = F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # [R, h, Lq, d]
         return self.proj(rearrange(y, "n h l d -> n l (h d)"))  # [R, Lq, E]
@@ -164,6 +166,30 @@ class Attention(nn.Module):
         weights = scores.softmax(dim=1)  # [R, Lk, h]
         y = reduce((weights @ head_of.T) * v, "n s e -> n 1 e", "sum")  # [R, 1, E]
         return self.proj(y)
+
+
+# Where `short_attention` replaces SDPA: at most this many keys, heads at most this wide.
+SHORT_KEYS, NARROW_HEAD = 4, 8
+
+
+def short_attention(q: Tensor, k: Tensor, v: Tensor, num_heads: int, *, causal: bool) -> Tensor:
+    """Queries [R, Lq, E] over a few keys and values [R, Lk, E] -> [R, Lq, E] by dense ops;
+    equals SDPA to float rounding.
+
+    Time attention over a clip's few frames with narrow heads (TinyWorlds' sizes: heads of 4
+    channels, 2-4 frames) is tens of thousands of tiny problems, and SDPA's CPU kernel pays a
+    setup per row and head block that outweighs their arithmetic: forward and backward at heads
+    of 4 took 41 vs 106 ms (2 frames) and 50 vs 70 ms (4 frames) on 1 thread of our CPU;
+    at heads of 16+ or 8+ frames SDPA wins (bench/README.md, "Attention layouts").
+    """
+    d = q.shape[-1] // num_heads
+    q, k, v = (rearrange(z, "n l (h d) -> n l h d", h=num_heads) for z in (q, k, v))  # [R, L, h, d]
+    scores = torch.einsum("nqhd,nkhd->nqkh", q * d**-0.5, k)  # [R, Lq, Lk, h]
+    if causal:  # query i sees keys 0..i (Lq = Lk)
+        later = torch.ones(scores.shape[1], scores.shape[2], dtype=torch.bool, device=q.device).triu(1)  # [Lq, Lk]
+        scores = scores.masked_fill(rearrange(later, "q k -> q k 1"), float("-inf"))
+    y = torch.einsum("nqkh,nkhd->nqhd", scores.softmax(dim=2), v)  # [R, Lq, h, d]
+    return rearrange(y, "n l h d -> n l (h d)")  # [R, Lq, E]
 
 
 def swiglu_hidden(embed_dim: int) -> int:
