@@ -5,7 +5,7 @@ import torch
 from tests.conftest import fit
 from tinyworlds.core.errors import TinyWorldsError
 from tinyworlds.models import LatentActionConfig, LatentActionModel
-from tinyworlds.models.lam import standardize_per_group
+from tinyworlds.models.lam import mean_abs_correlation, standard_penalty, whiten_per_group
 
 TINY = dict(frame_size=16, patch_size=4, embed_dim=32, num_heads=2, encoder_blocks=1, decoder_blocks=1,
             levels=(2, 2), max_frames=4)
@@ -101,14 +101,37 @@ def test_loss_falls_and_reports_action_usage():
     assert 1.0 <= metrics["action_perplexity"] <= 4.0
 
 
-def test_standardize_per_group_known_values():
+def test_whiten_per_group_known_values():
     z = torch.tensor([[1.0, 10.0], [3.0, 10.0], [5.0, -2.0], [5.0, 2.0], [7.0, 7.0]])
     groups = torch.tensor([4, 4, 9, 9, 2])  # ids need not be 0..G-1; the last is a group of one
-    standard, mean, var = standardize_per_group(z, groups)
+    white, mean, cov = whiten_per_group(z, groups)
     assert torch.allclose(mean, torch.tensor([[7.0, 7.0], [2.0, 10.0], [5.0, 0.0]]))  # groups 2, 4, 9
-    assert torch.allclose(var, torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 4.0]]))
+    assert torch.allclose(cov, torch.tensor([[[0.0, 0.0], [0.0, 0.0]], [[1.0, 0.0], [0.0, 0.0]], [[0.0, 0.0], [0.0, 4.0]]]))
     expected = torch.tensor([[-1.0, 0.0], [1.0, 0.0], [0.0, -1.0], [0.0, 1.0], [0.0, 0.0]])
-    assert torch.allclose(standard, expected, atol=1e-4)
+    assert torch.allclose(white, expected, atol=1e-4)
+
+
+def test_whitened_dimensions_cannot_copy_one_feature():
+    feature = torch.randn(400, 1, dtype=torch.float64)
+    z = torch.cat([feature, -feature + 0.1 * torch.randn(400, 1, dtype=torch.float64),
+                   3 * feature + 1 + 0.1 * torch.randn(400, 1, dtype=torch.float64)], dim=1)  # [n, 3]
+    groups = torch.zeros(400, dtype=torch.long)
+    white, mean, cov = whiten_per_group(z, groups)
+    assert mean_abs_correlation(cov) > 0.9  # raw: three copies of one feature
+    white_cov = whiten_per_group(white, groups)[2][0]
+    assert torch.allclose(white_cov, torch.eye(3, dtype=torch.float64), atol=0.02)  # whitened: independent
+    assert standard_penalty(mean, cov) > 1.0
+    standard = torch.randn(4000, 3, dtype=torch.float64)
+    _, mean, cov = whiten_per_group(standard, torch.zeros(4000, dtype=torch.long))
+    assert standard_penalty(mean, cov) < 0.01 and mean_abs_correlation(cov) < 0.05
+
+
+def test_whitening_backward_is_finite_at_identity_covariance():
+    z = torch.linalg.qr(torch.randn(64, 3, dtype=torch.float64))[0] * 8  # [64, 3], covariance exactly I (eigenvalues tie)
+    z = (z - z.mean(0)).requires_grad_()
+    white, mean, cov = whiten_per_group(z, torch.zeros(64, dtype=torch.long))
+    (white.square().sum() + standard_penalty(mean, cov)).backward()
+    assert torch.isfinite(z.grad).all()
 
 
 def test_codes_split_every_video_even_when_the_encoder_is_nearly_constant():
@@ -120,7 +143,7 @@ def test_codes_split_every_video_even_when_the_encoder_is_nearly_constant():
     videos = torch.arange(16) % 2
     assert model.infer(frames).unique().numel() == 1  # raw, every transition gets the same id
     _, metrics = model.loss(frames, videos)
-    assert metrics["action_perplexity"] > 1.5  # standardised per video, the codes split
+    assert metrics["action_perplexity"] > 1.5  # whitened per video, the codes split
     assert metrics["standardize_penalty"] > 1.0  # and the raw latent is far from standard
 
 

@@ -10,13 +10,16 @@ temporal position embedding) and give every position its own code, which spreads
 at no cost to the decoder and says nothing about the controls. A pair has no position to give
 away, and a transition's id is the same in every window that holds it.
 
-Why standardise per video: at this scale the reconstruction loss, early on, pulls every latent
+Why whiten per video: at this scale the reconstruction loss, early on, pulls every latent
 towards one value the decoder can rely on, and an anti-collapse penalty on the batch's spread
-is met by telling the games in the batch apart (one code per game). So in training each
-latent dimension is standardised over the batch's transitions of each video (zero mean, unit
-variance per video) before FSQ: the codes always split every video's transitions, and the
-decoder decides what the split means. A penalty pulls each video's raw latent mean to 0 and
-variance to 1, so by the end standardising changes little and inference (`infer`) uses the raw
+is met by telling the games in the batch apart (one code per game). So in training the latent
+is whitened over the batch's transitions of each video (zero mean, identity covariance per
+video) before FSQ: the codes always split every video's transitions. Whitened, not only
+standardised per dimension: standardised dimensions can all copy one feature (we measured
+three binary dimensions ending up as +x, -x, +x, so 2 of 8 ids were used); whitened ones
+cannot, so every dimension must split the transitions by something the others do not say,
+and the decoder decides what. A penalty pulls each video's raw latent towards mean 0 and
+covariance I, so by the end whitening changes little and inference (`infer`) uses the raw
 latent with no statistics, on any clip, even a single transition.
 
 Dimension keys: B batch, T time, C channels, H/W pixels, S patch size,
@@ -62,7 +65,7 @@ class LatentActionConfig:
     levels: tuple[int, ...] = (2, 2, 2)  # FSQ levels; num_actions = prod(levels), 4..16
     max_frames: int = 16
     mask_ratio: float = 0.0  # fraction of decoder input tokens (frames >= 1) hidden in the loss
-    standardize_weight: float = 0.1  # pulls each video's raw latent to zero mean, unit variance
+    standardize_weight: float = 0.1  # pulls each video's raw latent to zero mean, identity covariance
     # The loss weight of a pixel that changes between t and t+1 (by more than change_threshold
     # on the [-1, 1] scale) over one that does not. A paddle's move is a few dozen pixels of a
     # frame: with plain MSE (weight 1) copying frame t is nearly as good as knowing the action.
@@ -154,30 +157,33 @@ class LatentActionModel(nn.Module):
     def loss(self, frames: Tensor, videos: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         """Next-frame MSE + standardize_weight * the penalty that makes each video's raw latent standard.
 
-        `videos` [B]: which video each clip comes from (the latents are standardised per video,
-        see the module docstring); None: all clips are one video.
+        `videos` [B]: which video each clip comes from (the latents are whitened per video, see
+        the module docstring); None: all clips are one video.
         Metrics (detached): recon_mse, standardize_penalty, latent_std (mean per-dim std of the
-        raw latent within a video), action_perplexity, and action_usage [A]: the fraction of
-        the batch's transitions given each action.
+        raw latent within a video), latent_correlation (mean |correlation| between two
+        dimensions of the raw latent within a video: 1 when they copy one feature),
+        action_perplexity, and action_usage [A]: the fraction of the batch's transitions given
+        each action.
         """
         b, t = frames.shape[:2]
         if t < 2:
             raise TinyWorldsError(f"latent action loss needs clips of >= 2 frames, got {t}")
         z = rearrange(self.latents(frames), "b t l -> (b t) l").float()  # [B*(T-1), L]
         groups = torch.zeros(b, dtype=torch.long, device=frames.device) if videos is None else videos.long()
-        standard, mean, var = standardize_per_group(z, groups.repeat_interleave(t - 1))  # [B*(T-1), L], [G, L], [G, L]
-        codes = self.fsq(rearrange(standard, "(b t) l -> b t l", b=b))  # [B, T-1, L]
+        white, mean, cov = whiten_per_group(z, groups.repeat_interleave(t - 1))  # [B*(T-1), L], [G, L], [G, L, L]
+        codes = self.fsq(rearrange(white, "(b t) l -> b t l", b=b))  # [B, T-1, L]
         pred = self.predict(frames[:, :-1], codes, mask_ratio=self.config.mask_ratio)  # [B, T-1, C, H, W]
         error = (pred.float() - frames[:, 1:].float()) ** 2  # [B, T-1, C, H, W]
         weights = self.change_weights(frames.float())  # [B, T-1, 1, H, W]
         recon = (error * weights).mean()  # a plain mean, so each process's slice averages exactly
-        penalty = (mean.square() + (0.5 * torch.log(var + EPS)).square()).mean()  # 0 at mean 0, variance 1
+        penalty = standard_penalty(mean, cov)
         loss = recon + self.config.standardize_weight * penalty
         usage = id_usage(self.fsq.codes_to_ids(codes.detach()), self.num_actions)  # [A]
         metrics = {
             "recon_mse": error.detach().mean(),
             "standardize_penalty": penalty.detach(),
-            "latent_std": var.detach().sqrt().mean(),
+            "latent_std": torch.diagonal(cov.detach(), dim1=-2, dim2=-1).sqrt().mean(),
+            "latent_correlation": mean_abs_correlation(cov.detach()),
             "action_perplexity": perplexity(usage),
             "action_usage": usage,
         }
@@ -193,16 +199,47 @@ class LatentActionModel(nn.Module):
         return emphasis_weights(frames[:, 1:] - frames[:, :-1], self.config.change_weight, self.config.change_threshold)
 
 
-EPS = 1e-5  # variance floor of a standardised group
+EPS = 1e-5  # variance floor of a whitened group
 
 
-def standardize_per_group(z: Tensor, groups: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Latents [B*(T-1), L] and group ids [B*(T-1)] -> (each row standardised over its group [B*(T-1), L], the
-    groups' means [G, L] and variances [G, L]), G = the ids present, in ascending order. A group
-    of one row has variance 0 and standardises to 0."""
+def whiten_per_group(z: Tensor, groups: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Latents [B*(T-1), L] and group ids [B*(T-1)] -> (each row whitened over its group
+    [B*(T-1), L], the groups' means [G, L] and covariances [G, L, L]), G = the ids present, in
+    ascending order. Whitening: centred rows times the inverse of the Cholesky factor of their
+    group's covariance (+ EPS I), so each group comes out with zero mean and covariance ~I.
+    Cholesky rather than the symmetric inverse square root: its gradient stays finite when
+    eigenvalues coincide, which is exactly where training leads (covariance I). A group of one
+    row whitens to 0."""
     ids, index = torch.unique(groups, return_inverse=True)  # [G], [B*(T-1)] in 0..G-1
-    counts = torch.bincount(index, minlength=len(ids)).to(z.dtype)[:, None]  # [G, 1]
-    mean = torch.zeros(len(ids), z.shape[1], device=z.device, dtype=z.dtype).index_add(0, index, z) / counts  # [G, L]
+    counts = torch.bincount(index, minlength=len(ids)).to(z.dtype)  # [G]
+    mean = torch.zeros(len(ids), z.shape[1], device=z.device, dtype=z.dtype).index_add(0, index, z) / counts[:, None]  # [G, L]
     centred = z - mean[index]  # [B*(T-1), L]
-    var = torch.zeros_like(mean).index_add(0, index, centred.square()) / counts  # [G, L]
-    return centred / torch.sqrt(var[index] + EPS), mean, var
+    outer = rearrange(centred, "n l -> n l 1") * rearrange(centred, "n m -> n 1 m")  # [B*(T-1), L, L]
+    cov = torch.zeros(len(ids), *outer.shape[1:], device=z.device, dtype=z.dtype).index_add(0, index, outer)
+    cov = cov / rearrange(counts, "g -> g 1 1")  # [G, L, L]
+    factor = torch.linalg.cholesky(cov + EPS * torch.eye(z.shape[1], device=z.device, dtype=z.dtype))  # [G, L, L], lower
+    white = torch.linalg.solve_triangular(factor[index], rearrange(centred, "n l -> n l 1"), upper=False)  # [B*(T-1), L, 1]
+    return rearrange(white, "n l 1 -> n l"), mean, cov
+
+
+def standard_penalty(mean: Tensor, cov: Tensor) -> Tensor:
+    """How far each group's raw latent is from standard (mean 0, covariance I), from its means
+    [G, L] and covariances [G, L, L]: mean² + (log of the Cholesky factor's diagonal)² +
+    (its off-diagonal)², averaged; 0 exactly at standard. In one dimension it is
+    mean² + (½ log var)²: scale-free, so a tiny and a huge spread cost alike."""
+    factor = torch.linalg.cholesky(cov + EPS * torch.eye(cov.shape[-1], device=cov.device, dtype=cov.dtype))  # [G, L, L]
+    diagonal = torch.diagonal(factor, dim1=-2, dim2=-1)  # [G, L]
+    off_diagonal = torch.tril(factor, diagonal=-1)  # [G, L, L]
+    return mean.square().mean() + torch.log(diagonal).square().mean() + off_diagonal.square().sum(dim=(-2, -1)).mean()
+
+
+def mean_abs_correlation(cov: Tensor) -> Tensor:
+    """Mean |correlation| between distinct latent dimensions over groups, from covariances
+    [G, L, L]; 0 for one dimension."""
+    size = cov.shape[-1]
+    if size < 2:
+        return cov.new_zeros(())
+    std = torch.diagonal(cov, dim1=-2, dim2=-1).clamp_min(EPS).sqrt()  # [G, L]
+    corr = cov / (rearrange(std, "g l -> g l 1") * rearrange(std, "g m -> g 1 m"))  # [G, L, L]
+    off = ~torch.eye(size, dtype=torch.bool, device=cov.device)  # [L, L]
+    return corr[:, off].abs().mean()
