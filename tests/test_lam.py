@@ -241,3 +241,11 @@ def test_a_transition_over_a_drop_idle_cut_gets_no_latent_action(tmp_path):
     # Transitions t -> t + 2 that start in segment 0 and end in segment 1: t = 7, 8.
     assert np.flatnonzero(actions[:-2] < 0).tolist() == [7, 8]
     assert (actions[-2:] == -1).all()  # no frame t + 2 to go to
+
+
+def test_a_non_finite_latent_gives_a_non_finite_loss_not_an_exception():
+    model = tiny_lam()
+    with torch.no_grad():
+        model.to_latent.bias.fill_(float("nan"))
+    loss, _ = model.loss(moving_squares(batch=4), torch.arange(4) % 2)
+    assert not torch.isfinite(loss)  # the training loop stops with "loss became non-finite at step N"

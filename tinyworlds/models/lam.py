@@ -217,9 +217,17 @@ def whiten_per_group(z: Tensor, groups: Tensor) -> tuple[Tensor, Tensor, Tensor]
     outer = rearrange(centred, "n l -> n l 1") * rearrange(centred, "n m -> n 1 m")  # [B*(T-1), L, L]
     cov = torch.zeros(len(ids), *outer.shape[1:], device=z.device, dtype=z.dtype).index_add(0, index, outer)
     cov = cov / rearrange(counts, "g -> g 1 1")  # [G, L, L]
-    factor = torch.linalg.cholesky(cov + EPS * torch.eye(z.shape[1], device=z.device, dtype=z.dtype))  # [G, L, L], lower
+    factor = cholesky(cov)  # [G, L, L], lower
     white = torch.linalg.solve_triangular(factor[index], rearrange(centred, "n l -> n l 1"), upper=False)  # [B*(T-1), L, 1]
     return rearrange(white, "n l 1 -> n l"), mean, cov
+
+
+def cholesky(cov: Tensor) -> Tensor:
+    """Lower Cholesky factors [G, L, L] of covariances [G, L, L] + EPS I. A non-finite
+    covariance (a diverging run) gives a non-finite factor, not an exception, so the training
+    loop reports the non-finite loss as such."""
+    factor, _ = torch.linalg.cholesky_ex(cov + EPS * torch.eye(cov.shape[-1], device=cov.device, dtype=cov.dtype))
+    return factor
 
 
 def standard_penalty(mean: Tensor, cov: Tensor) -> Tensor:
@@ -227,7 +235,7 @@ def standard_penalty(mean: Tensor, cov: Tensor) -> Tensor:
     [G, L] and covariances [G, L, L]: mean² + (log of the Cholesky factor's diagonal)² +
     (its off-diagonal)², averaged; 0 exactly at standard. In one dimension it is
     mean² + (½ log var)²: scale-free, so a tiny and a huge spread cost alike."""
-    factor = torch.linalg.cholesky(cov + EPS * torch.eye(cov.shape[-1], device=cov.device, dtype=cov.dtype))  # [G, L, L]
+    factor = cholesky(cov)  # [G, L, L]
     diagonal = torch.diagonal(factor, dim1=-2, dim2=-1)  # [G, L]
     off_diagonal = torch.tril(factor, diagonal=-1)  # [G, L, L]
     return mean.square().mean() + torch.log(diagonal).square().mean() + off_diagonal.square().sum(dim=(-2, -1)).mean()
