@@ -128,8 +128,8 @@ def test_clips_never_cross_a_drop_idle_cut(tmp_path):
         for i in range(len(dataset)):
             idx = frame_index(dataset[i]["frames"])
             assert len({int(cuts[f]) for f in idx}) == 1, idx
-    short = zarr.open_group(str(path), mode="r+")
-    del short["segment"]
-    short.create_array("segment", data=cuts[:200], chunks=(16,))
+    shorter = tmp_path / "shorter.zarr"  # a frame store that is not the one the arrays came from
+    make_store(shorter, 200)
+    zarr.open_group(str(shorter), mode="r+").create_array("segment", data=cuts[:200], chunks=(16,))
     with pytest.raises(TinyWorldsError, match="segment ids for 300 frames"):
-        ClipDataset([cut_aware], clip_len=4)
+        ClipDataset([VideoArrays("a", video.fields, frame_store=shorter)], clip_len=4)

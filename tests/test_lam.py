@@ -104,7 +104,7 @@ def test_loss_falls_and_reports_action_usage():
 def test_whiten_per_group_known_values():
     z = torch.tensor([[1.0, 10.0], [3.0, 10.0], [5.0, -2.0], [5.0, 2.0], [7.0, 7.0]])
     groups = torch.tensor([4, 4, 9, 9, 2])  # ids need not be 0..G-1; the last is a group of one
-    white, mean, cov = whiten_per_group(z, groups)
+    white, mean, cov, _ = whiten_per_group(z, groups)
     assert torch.allclose(mean, torch.tensor([[7.0, 7.0], [2.0, 10.0], [5.0, 0.0]]))  # groups 2, 4, 9
     assert torch.allclose(cov, torch.tensor([[[0.0, 0.0], [0.0, 0.0]], [[1.0, 0.0], [0.0, 0.0]], [[0.0, 0.0], [0.0, 4.0]]]))
     expected = torch.tensor([[-1.0, 0.0], [1.0, 0.0], [0.0, -1.0], [0.0, 1.0], [0.0, 0.0]])
@@ -116,21 +116,21 @@ def test_whitened_dimensions_cannot_copy_one_feature():
     z = torch.cat([feature, -feature + 0.1 * torch.randn(400, 1, dtype=torch.float64),
                    3 * feature + 1 + 0.1 * torch.randn(400, 1, dtype=torch.float64)], dim=1)  # [n, 3]
     groups = torch.zeros(400, dtype=torch.long)
-    white, mean, cov = whiten_per_group(z, groups)
+    white, mean, cov, factor = whiten_per_group(z, groups)
     assert mean_abs_correlation(cov) > 0.9  # raw: three copies of one feature
     white_cov = whiten_per_group(white, groups)[2][0]
     assert torch.allclose(white_cov, torch.eye(3, dtype=torch.float64), atol=0.02)  # whitened: independent
-    assert standard_penalty(mean, cov) > 1.0
+    assert standard_penalty(mean, factor) > 1.0
     standard = torch.randn(4000, 3, dtype=torch.float64)
-    _, mean, cov = whiten_per_group(standard, torch.zeros(4000, dtype=torch.long))
-    assert standard_penalty(mean, cov) < 0.01 and mean_abs_correlation(cov) < 0.05
+    _, mean, cov, factor = whiten_per_group(standard, torch.zeros(4000, dtype=torch.long))
+    assert standard_penalty(mean, factor) < 0.01 and mean_abs_correlation(cov) < 0.05
 
 
 def test_whitening_backward_is_finite_at_identity_covariance():
     z = torch.linalg.qr(torch.randn(64, 3, dtype=torch.float64))[0] * 8  # [64, 3], covariance exactly I (eigenvalues tie)
     z = (z - z.mean(0)).requires_grad_()
-    white, mean, cov = whiten_per_group(z, torch.zeros(64, dtype=torch.long))
-    (white.square().sum() + standard_penalty(mean, cov)).backward()
+    white, mean, _, factor = whiten_per_group(z, torch.zeros(64, dtype=torch.long))
+    (white.square().sum() + standard_penalty(mean, factor)).backward()
     assert torch.isfinite(z.grad).all()
 
 

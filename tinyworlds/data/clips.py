@@ -25,7 +25,7 @@ from einops import rearrange
 from torch.utils.data import Dataset
 
 from tinyworlds.core.errors import TinyWorldsError
-from tinyworlds.data.stores import Location, location_exists, open_hdf5, open_zarr_group
+from tinyworlds.data.stores import Location, location_exists, open_frame_store, open_hdf5, open_zarr_group
 
 TRAIN, VAL, GAP = 0, 1, 2
 
@@ -78,18 +78,6 @@ def clip_starts(labels: np.ndarray, span: int, want: int, stride: int = 1,
     if segment is not None:
         whole &= segment[starts] == segment[starts + span - 1]  # ids never decrease: same at both ends = no cut
     return starts[whole][::stride] if stride > 1 else starts[whole]
-
-
-def read_segment(path: Location | None, storage_options: dict | None = None) -> np.ndarray | None:
-    """The `segment` ids [N] of a frame store cut by ingest's `drop_idle`; None for a store
-    without cuts (or no store)."""
-    if path is None:
-        return None
-    if str(path).lower().endswith((".h5", ".hdf5")):
-        handle = open_hdf5(path, storage_options)
-        return np.asarray(handle["segment"][:]) if "segment" in handle else None
-    group = open_zarr_group(path, storage_options)
-    return np.asarray(group["segment"][:]) if "segment" in group else None
 
 
 def open_array(path: Location, name: str, storage_options: dict | None = None):
@@ -168,7 +156,7 @@ class ClipDataset(Dataset):
             if len(set(lengths.values())) != 1:
                 raise TinyWorldsError(f"{video.name}: per-frame arrays are not aligned ({lengths})")
             count = next(iter(lengths.values()))
-            segment = read_segment(video.frame_store, video.storage_options)
+            segment = None if video.frame_store is None else open_frame_store(video.frame_store, video.storage_options).segment
             if segment is not None and len(segment) != count:
                 raise TinyWorldsError(f"{video.name}: {video.frame_store} has {len(segment)} segment ids for "
                                       f"{count} frames; rerun `dvc repro`")

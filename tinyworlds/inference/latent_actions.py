@@ -14,7 +14,8 @@ import torch
 from einops import rearrange
 
 from tinyworlds.core.atomic import atomic_output
-from tinyworlds.data.clips import open_array, read_segment
+from tinyworlds.data.clips import open_array
+from tinyworlds.data.stores import open_frame_store
 from tinyworlds.metrics.objects import merge_equivalent_actions
 from tinyworlds.models.lam import LatentActionModel
 from tinyworlds.models.pixels import to_model
@@ -66,7 +67,7 @@ def cache_latent_actions(model: LatentActionModel, frames_path: Path | str, out:
 
     actions = label_transitions(model, open_array(frames_path, "frames", storage_options), clip_len=clip_len,
                                 frame_skip=frame_skip, device=device)
-    segment = read_segment(frames_path, storage_options)
+    segment = open_frame_store(frames_path, storage_options).segment
     if segment is not None:  # a transition over a drop_idle cut is a jump, not an action
         actions[:-frame_skip][segment[:-frame_skip] != segment[frame_skip:]] = -1
     with atomic_output(out) as tmp:

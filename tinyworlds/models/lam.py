@@ -170,13 +170,13 @@ class LatentActionModel(nn.Module):
             raise TinyWorldsError(f"latent action loss needs clips of >= 2 frames, got {t}")
         z = rearrange(self.latents(frames), "b t l -> (b t) l").float()  # [B*(T-1), L]
         groups = torch.zeros(b, dtype=torch.long, device=frames.device) if videos is None else videos.long()
-        white, mean, cov = whiten_per_group(z, groups.repeat_interleave(t - 1))  # [B*(T-1), L], [G, L], [G, L, L]
+        white, mean, cov, factor = whiten_per_group(z, groups.repeat_interleave(t - 1))  # [B*(T-1), L], [G, L], [G, L, L] x2
         codes = self.fsq(rearrange(white, "(b t) l -> b t l", b=b))  # [B, T-1, L]
         pred = self.predict(frames[:, :-1], codes, mask_ratio=self.config.mask_ratio)  # [B, T-1, C, H, W]
         error = (pred.float() - frames[:, 1:].float()) ** 2  # [B, T-1, C, H, W]
         weights = self.change_weights(frames.float())  # [B, T-1, 1, H, W]
         recon = (error * weights).mean()  # a plain mean, so each process's slice averages exactly
-        penalty = standard_penalty(mean, cov)
+        penalty = standard_penalty(mean, factor)
         loss = recon + self.config.standardize_weight * penalty
         usage = id_usage(self.fsq.codes_to_ids(codes.detach()), self.num_actions)  # [A]
         metrics = {
@@ -202,10 +202,10 @@ class LatentActionModel(nn.Module):
 EPS = 1e-5  # variance floor of a whitened group
 
 
-def whiten_per_group(z: Tensor, groups: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def whiten_per_group(z: Tensor, groups: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Latents [B*(T-1), L] and group ids [B*(T-1)] -> (each row whitened over its group
-    [B*(T-1), L], the groups' means [G, L] and covariances [G, L, L]), G = the ids present, in
-    ascending order. Whitening: centred rows times the inverse of the Cholesky factor of their
+    [B*(T-1), L], the groups' means [G, L], covariances [G, L, L] and their Cholesky factors
+    [G, L, L]), G = the ids present, in ascending order. Whitening: centred rows times the inverse of the Cholesky factor of their
     group's covariance (+ EPS I), so each group comes out with zero mean and covariance ~I.
     Cholesky rather than the symmetric inverse square root: its gradient stays finite when
     eigenvalues coincide, which is exactly where training leads (covariance I). A group of one
@@ -219,7 +219,7 @@ def whiten_per_group(z: Tensor, groups: Tensor) -> tuple[Tensor, Tensor, Tensor]
     cov = cov / rearrange(counts, "g -> g 1 1")  # [G, L, L]
     factor = cholesky(cov)  # [G, L, L], lower
     white = torch.linalg.solve_triangular(factor[index], rearrange(centred, "n l -> n l 1"), upper=False)  # [B*(T-1), L, 1]
-    return rearrange(white, "n l 1 -> n l"), mean, cov
+    return rearrange(white, "n l 1 -> n l"), mean, cov, factor
 
 
 def cholesky(cov: Tensor) -> Tensor:
@@ -230,12 +230,12 @@ def cholesky(cov: Tensor) -> Tensor:
     return factor
 
 
-def standard_penalty(mean: Tensor, cov: Tensor) -> Tensor:
+def standard_penalty(mean: Tensor, factor: Tensor) -> Tensor:
     """How far each group's raw latent is from standard (mean 0, covariance I), from its means
-    [G, L] and covariances [G, L, L]: mean² + (log of the Cholesky factor's diagonal)² +
-    (its off-diagonal)², averaged; 0 exactly at standard. In one dimension it is
-    mean² + (½ log var)²: scale-free, so a tiny and a huge spread cost alike."""
-    factor = cholesky(cov)  # [G, L, L]
+    [G, L] and the Cholesky factors of its covariances [G, L, L] (`whiten_per_group`):
+    mean² + (log of the factor's diagonal)² + (its off-diagonal)², averaged; 0 exactly at
+    standard. In one dimension it is mean² + (½ log var)²: scale-free, so a tiny and a huge
+    spread cost alike."""
     diagonal = torch.diagonal(factor, dim1=-2, dim2=-1)  # [G, L]
     off_diagonal = torch.tril(factor, diagonal=-1)  # [G, L, L]
     return mean.square().mean() + torch.log(diagonal).square().mean() + off_diagonal.square().sum(dim=(-2, -1)).mean()
