@@ -60,6 +60,19 @@ def test_latent_action_round_trip(tmp_path):
     assert torch.equal(loaded.infer(frames()), model.infer(frames()))
 
 
+def test_a_lam_saved_before_pair_encoding_existed_loads_as_the_sequence_encoder_it_was(tmp_path):
+    torch.manual_seed(0)
+    model = LatentActionModel(LatentActionConfig(**FRAMES, levels=(2, 2, 2), pair_encoding="sequence"))
+    save_model(model, tmp_path / "lam")
+    meta_path = tmp_path / "lam" / "config.json"
+    meta = json.loads(meta_path.read_text())
+    del meta["config"]["pair_encoding"]  # as 0.2 wrote it
+    meta_path.write_text(json.dumps(meta))
+    loaded = load_model(tmp_path / "lam")
+    assert loaded.config.pair_encoding == "sequence"
+    assert torch.equal(loaded.infer(frames()), model.infer(frames()))
+
+
 def test_dynamics_round_trip_and_overwrite(tmp_path):
     model = dynamics()
     save_model(model, tmp_path / "dyn")

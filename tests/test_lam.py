@@ -40,8 +40,9 @@ def test_infer_gives_one_action_per_transition():
     assert ids.min() >= 0 and ids.max() < 4
 
 
-def test_encoder_is_causal_in_time():
-    model = tiny_lam()
+@pytest.mark.parametrize("pair_encoding", ["stacked", "sequence"])
+def test_encoder_is_causal_in_time(pair_encoding):
+    model = tiny_lam(pair_encoding=pair_encoding)
     frames = moving_squares()
     changed = frames.clone()
     changed[:, 2] = torch.rand_like(changed[:, 2])
@@ -156,8 +157,9 @@ def test_standardize_penalty_makes_the_raw_latent_standard():
     assert 0.5 < metrics["latent_std"] < 2.0
 
 
-def test_a_transition_gets_the_same_latent_wherever_it_sits_in_the_clip():
-    model = tiny_lam()
+@pytest.mark.parametrize("pair_encoding", ["stacked", "sequence"])
+def test_a_transition_gets_the_same_latent_wherever_it_sits_in_the_clip(pair_encoding):
+    model = tiny_lam(pair_encoding=pair_encoding)
     frames = moving_squares()
     z = model.latents(frames)  # [B, 3, L]
     assert torch.allclose(z[:, 1:], model.latents(frames[:, 1:]), atol=1e-5)
@@ -197,6 +199,7 @@ def test_loss_backward_under_bf16_autocast():
         ({"standardize_weight": -1.0}, "LatentActionConfig.standardize_weight=-1.0: must be >= 0"),
         ({"patch_size": 3}, "LatentActionConfig.patch_size=3: frame_size 16 is not divisible by it"),
         ({"max_frames": 1}, "LatentActionConfig.max_frames=1"),
+        ({"pair_encoding": "both"}, "LatentActionConfig.pair_encoding='both': must be one of stacked, sequence"),
     ],
 )
 def test_config_errors_name_the_field(overrides, message):

@@ -30,6 +30,9 @@ MODEL_KINDS: dict[str, tuple[type, type[nn.Module]]] = {
 }
 # Kinds written by earlier releases, read as their current name (0.1 wrote "latent_actions").
 RENAMED_KINDS = {"latent_actions": "lam"}
+# Config fields added since, with the value that reproduces what a checkpoint without them
+# was trained as (its defaults may have changed since).
+ADDED_FIELDS = {"lam": {"pair_encoding": "sequence"}}  # 0.2 encoded each pair as a 2-frame clip
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 
@@ -87,7 +90,7 @@ def load_model(directory: str | os.PathLike, device: str | torch.device = "cpu")
         raise TinyWorldsError(f"{config_path}: unknown kind {kind!r}; expected one of {', '.join(MODEL_KINDS)}")
     config_cls, model_cls = MODEL_KINDS[kind]
     try:
-        config = config_cls(**meta["config"])
+        config = config_cls(**{**ADDED_FIELDS.get(kind, {}), **meta["config"]})
     except TypeError as err:
         raise TinyWorldsError(f"{config_path}: config does not fit {config_cls.__name__} ({err})") from None
     except TinyWorldsError as err:

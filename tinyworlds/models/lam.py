@@ -1,14 +1,22 @@
 """Latent action model: infers a discrete action for each frame transition without labels.
 
-Encoder: each transition t -> t+1 on its own: frames t and t+1 -> patch embed -> space-time
-transformer over the pair (causal in time) -> mean over the patches of frame t+1 -> Linear to L
-dims -> FSQ -> action id. Decoder: predicts frame t+1 from frames 0..t, FiLM-conditioned on the
+Encoder: each transition t -> t+1 on its own. `pair_encoding: stacked` (default): frames t and
+t+1 side by side in the channels, as one image of 2C channels -> patch embed -> spatial
+transformer -> mean over the patches -> Linear to L dims -> FSQ -> action id. `sequence`: the
+two frames as a clip of 2 -> patch embed -> space-time transformer (causal in time) -> mean over
+the patches of frame t+1 -> Linear -> FSQ. Decoder: predicts frame t+1 from frames 0..t, FiLM-conditioned on the
 quantized action of t -> t+1, causal in time.
 
 Why pairs: an encoder that sees the whole clip can tell a transition's place in it (its
 temporal position embedding) and give every position its own code, which spreads the codes
 at no cost to the decoder and says nothing about the controls. A pair has no position to give
 away, and a transition's id is the same in every window that holds it.
+
+Why stacked: a move of the paddle is a pixel or two inside one patch. Stacked, the first
+linear layer sees both frames of a patch at once, so the sign of the move (which edge of the
+sprite appears and which vanishes) is one weighted sum away; as a sequence it must survive
+each frame's embedding on its own and be recovered by attention across time. Stacked is also
+half the encoder's tokens (one image per transition instead of two) and needs no time attention.
 
 Why whiten per video: at this scale the reconstruction loss, early on, pulls every latent
 towards one value the decoder can rely on, and an anti-collapse penalty on the batch's spread
@@ -53,6 +61,9 @@ from tinyworlds.models.blocks import (
 from tinyworlds.models.fsq import FSQ, id_usage, perplexity
 
 
+PAIR_ENCODINGS = ("stacked", "sequence")
+
+
 @dataclass
 class LatentActionConfig:
     frame_size: int = 64  # H = W
@@ -74,6 +85,7 @@ class LatentActionConfig:
     # Predict frame t+1 as frame t plus a change (the change head starts at zero), so the decoder
     # starts from copying and every gain must come from the action and the context.
     residual: bool = False
+    pair_encoding: str = "stacked"  # stacked | sequence: how the encoder reads a transition's two frames
 
     def __post_init__(self):
         check_frames(self)
@@ -89,6 +101,7 @@ class LatentActionConfig:
         check(self, "standardize_weight", self.standardize_weight >= 0, "must be >= 0")
         check_number(self, "change_weight")
         check(self, "change_weight", self.change_weight >= 1, "must be >= 1 (1: plain MSE)")
+        check(self, "pair_encoding", self.pair_encoding in PAIR_ENCODINGS, f"must be one of {', '.join(PAIR_ENCODINGS)}")
         check_number(self, "change_threshold")
         check(self, "change_threshold", self.change_threshold >= 0, "must be >= 0")
 
@@ -102,9 +115,11 @@ class LatentActionModel(nn.Module):
         c = config
         self.grid = c.frame_size // c.patch_size
         patch_dim = c.patch_size * c.patch_size * c.channels
-        self.encoder_embed = nn.Linear(patch_dim, c.embed_dim)
+        stacked = c.pair_encoding == "stacked"
+        self.encoder_embed = nn.Linear(2 * patch_dim if stacked else patch_dim, c.embed_dim)
         self.encoder = SpaceTimeTransformer(
-            c.embed_dim, c.num_heads, c.encoder_blocks, grid=self.grid, max_frames=c.max_frames
+            c.embed_dim, c.num_heads, c.encoder_blocks, grid=self.grid, max_frames=c.max_frames,
+            temporal=not stacked,
         )
         self.to_latent = nn.Linear(c.embed_dim, len(c.levels))
         self.fsq = FSQ(c.levels)
@@ -126,6 +141,11 @@ class LatentActionModel(nn.Module):
 
     def latents(self, frames: Tensor) -> Tensor:
         """Frames [B, T, C, H, W] -> raw latent of each transition [B, T-1, L], from its two frames alone."""
+        if self.config.pair_encoding == "stacked":
+            pairs = torch.cat([frames[:, :-1], frames[:, 1:]], dim=2)  # [B, T-1, 2C, H, W]
+            # Without temporal attention each transition is encoded alone, at no time position.
+            x = self.encoder(self.encoder_embed(patchify(pairs, self.config.patch_size)))  # [B, T-1, P, E]
+            return self.to_latent(reduce(x, "b t p e -> b t e", "mean"))  # [B, T-1, L]
         b = frames.shape[0]
         pairs = torch.stack([frames[:, :-1], frames[:, 1:]], dim=2)  # [B, T-1, 2, C, H, W]
         pairs = rearrange(pairs, "b t two c h w -> (b t) two c h w")  # [B*(T-1), 2, C, H, W]
