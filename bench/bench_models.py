@@ -101,7 +101,7 @@ def bench_preset(preset: harness.Preset, args, device: torch.device) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", choices=[*harness.PRESETS, "both"], default="both")
+    parser.add_argument("--preset", choices=[*harness.preset_names(), "both"], default="both")
     parser.add_argument("--steps", type=int, default=10, help="MaskGIT steps per generated frame")
     parser.add_argument("--frames", type=int, default=4, help="frames generated per rollout")
     parser.add_argument("--temperature", type=float, default=1.0, help="0: greedy")

@@ -2,6 +2,7 @@
 
     python bench/bench_training.py                          # default and reference sizes
     python bench/bench_training.py --preset reference --bf16 --compile --device cuda
+    python bench/bench_training.py --preset large           # a profile's sizes (profiles/large.yaml)
 
 Times `Trainer.train_step`, the stages' own step (forward and loss, backward, gradient
 clipping, AdamW, LR schedule, host-to-device copy of the batch, the stage's precision:
@@ -181,7 +182,7 @@ def bench_preset(preset: harness.Preset, args, device: torch.device, state_dir: 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", choices=[*harness.PRESETS, "both"], default="both")
+    parser.add_argument("--preset", choices=[*harness.preset_names(), "both"], default="both")
     parser.add_argument("--reps", type=int, default=5, help="timed steps per figure")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (2 more with --compile)")
     parser.add_argument("--peak-tflops", type=float, default=None, help="the device's peak, for MFU")

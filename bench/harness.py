@@ -26,6 +26,7 @@ import tinyworlds
 from tinyworlds.core.config import build_model_config, clip_len
 from tinyworlds.core.device import pick_device
 from tinyworlds.core.params import load_params
+from tinyworlds.core.profiles import apply_profile, available_profiles, load_profile
 from tinyworlds.models import (
     DynamicsConfig,
     DynamicsModel,
@@ -178,10 +179,13 @@ def reference_preset() -> Preset:
     return Preset("reference", tokenizer, lam, dynamics, dict.fromkeys(STAGES, 4), train)
 
 
-def default_preset(params_path: Path = ROOT / "params.yaml") -> Preset:
+def default_preset(params_path: Path = ROOT / "params.yaml", profile: str | None = None) -> Preset:
     """The sizes `dvc repro` trains with: params.yaml's model sections, data.size, clip lengths
-    and batch sizes, derived the way the training stages derive them (RGB frames)."""
+    and batch sizes, derived the way the training stages derive them (RGB frames). With
+    `profile`, those of `tinyworlds repro --profile NAME` (profiles/NAME.yaml applied)."""
     params = load_params(params_path)
+    if profile is not None:
+        params = apply_profile(params, load_profile(profile, params, ROOT))
     size = int(params["data"]["size"])
     lengths = {stage: clip_len(params, stage) for stage in STAGES}
     tokenizer = build_model_config(TokenizerConfig, params, "tokenizer", frame_size=size, channels=3,
@@ -193,7 +197,7 @@ def default_preset(params_path: Path = ROOT / "params.yaml") -> Preset:
         num_patches=(size // tokenizer.patch_size) ** 2, num_actions=math.prod(lam.levels),
     )
     train = {stage: build_train_config(params, stage) for stage in STAGES}
-    return Preset("default", tokenizer, lam, dynamics, lengths, train)
+    return Preset(profile or "default", tokenizer, lam, dynamics, lengths, train)
 
 
 def tiny_preset() -> Preset:
@@ -211,9 +215,15 @@ def tiny_preset() -> Preset:
 PRESETS = {"default": default_preset, "reference": reference_preset, "tiny": tiny_preset}
 
 
+def preset_names() -> list[str]:
+    """The presets above and every profile in profiles/ (the default sizes with its overrides)."""
+    return [*PRESETS, *available_profiles(ROOT)]
+
+
 def presets(choice: str) -> list[Preset]:
-    """One preset by name, or `both`: default and reference."""
-    return [PRESETS[name]() for name in (("default", "reference") if choice == "both" else [choice])]
+    """One preset or profile by name, or `both`: default and reference."""
+    names = ("default", "reference") if choice == "both" else [choice]
+    return [PRESETS[name]() if name in PRESETS else default_preset(profile=name) for name in names]
 
 
 def build_model(preset: Preset, stage: str, seed: int = 0) -> torch.nn.Module:

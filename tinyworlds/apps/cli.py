@@ -243,6 +243,21 @@ def play(
 
 @app.command()
 @user_errors
+def repro(
+    profile: Annotated[str, typer.Option(help="A profile in profiles/ (e.g. large): its params.yaml overrides.")],
+    name: Annotated[Optional[str], typer.Option(help="DVC experiment name (default: the profile's, numbered if taken).")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the dvc command; run nothing.")] = False,
+) -> None:
+    """Run the pipeline with a named profile, as one DVC experiment (`dvc exp run -S ...`)."""
+    from tinyworlds.core.profiles import run_profile
+
+    status = run_profile(profile, experiment=name, dry_run=dry_run, say=lambda line: typer.echo(line, err=True))
+    if status != 0:
+        raise typer.Exit(status)
+
+
+@app.command()
+@user_errors
 def results(
     metrics: Annotated[Path, typer.Option(help="The evaluate stage's metrics JSON.")] = Path("data/metrics/evaluate.json"),
 ) -> None:
