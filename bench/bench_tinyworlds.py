@@ -3,6 +3,7 @@ training step's share of this CPU's measured fp32 GEMM peak.
 
     TW_REF=/path/to/tinyworlds python bench/bench_tinyworlds.py    # reference + default sizes, 1 and 2 threads
     python bench/bench_tinyworlds.py --tw-ref PATH --preset reference --threads 1
+    python bench/bench_tinyworlds.py --tw-ref PATH --parts lam     # one step only
     python bench/bench_tinyworlds.py --preset tiny                  # no TW_REF: our side only, as it says
 
 TW_REF (or --tw-ref) is an exported tree of AlmondGod/tinyworlds (its latest commit; never
@@ -342,7 +343,7 @@ def run_threads(threads: int, sides: list[str], presets: list[str], args) -> dic
         result = {"threads": threads, "gemm": peak, "load_average_before": harness.load_average(), "presets": {}}
         for preset in presets:
             rows = {}
-            for part in PARTS:
+            for part in args.parts:
                 warmup = args.warmup + (2 if args.compile and part != "generation" else 0)
                 row = in_turns(workers, {"preset": preset, "part": part, "warmup": warmup}, args.reps)
                 for side in row.values():
@@ -377,6 +378,7 @@ def main() -> None:
                         help="an exported AlmondGod/tinyworlds tree (default: $TW_REF; unset: our side only)")
     parser.add_argument("--preset", nargs="+", choices=list(harness.PRESETS), default=["reference", "default"])
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS), help="which steps to time")
     parser.add_argument("--sides", nargs="+", choices=list(SIDES), default=list(SIDES),
                         help="which to run (ours always; TinyWorlds' only with a tree)")
     parser.add_argument("--reps", type=int, default=3, help="timed turns per side and part")
