@@ -4,8 +4,8 @@ Encoder: each transition t -> t+1 on its own. `pair_encoding: stacked` (default)
 t+1 side by side in the channels, as one image of 2C channels -> patch embed -> spatial
 transformer -> mean over the patches -> Linear to L dims -> FSQ -> action id. `sequence`: the
 two frames as a clip of 2 -> patch embed -> space-time transformer (causal in time) -> mean over
-the patches of frame t+1 -> Linear -> FSQ. Decoder: predicts frame t+1 from frames 0..t, FiLM-conditioned on the
-quantized action of t -> t+1, causal in time.
+the patches of frame t+1 -> Linear -> FSQ. Decoder: predicts frame t+1 from frames 0..t,
+FiLM-conditioned on the quantized action of t -> t+1, causal in time.
 
 Why pairs: an encoder that sees the whole clip can tell a transition's place in it (its
 temporal position embedding) and give every position its own code, which spreads the codes
@@ -17,6 +17,9 @@ linear layer sees both frames of a patch at once, so the sign of the move (which
 sprite appears and which vanishes) is one weighted sum away; as a sequence it must survive
 each frame's embedding on its own and be recovered by attention across time. Stacked is also
 half the encoder's tokens (one image per transition instead of two) and needs no time attention.
+Measured on the default pipeline (3 games, one seed each): NMI with the player's move sign
+0.15 vs 0.16 (sequence), within the spread between runs; the dynamics model's ΔtPSNR with
+the LAM's ids +0.71 vs +0.47 dB; a training step 209 vs 352 ms on 1 thread, 160 vs 299 ms on 2.
 
 Why whiten per video: at this scale the reconstruction loss, early on, pulls every latent
 towards one value the decoder can rely on, and an anti-collapse penalty on the batch's spread
