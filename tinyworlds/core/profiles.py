@@ -1,6 +1,6 @@
 """Named profiles: a set of params.yaml overrides run as one DVC experiment.
 
-`params.yaml` is the default pipeline, sized to run end to end in about 20 minutes on 2 CPU
+`params.yaml` is the default pipeline, sized to run end to end within 20 minutes on 2 CPU
 cores. A profile (`profiles/NAME.yaml`) holds only the values it changes, nested exactly as in
 params.yaml, so a reader sees the whole difference at a glance:
 
@@ -11,7 +11,7 @@ params.yaml, so a reader sees the whole difference at a glance:
 `tinyworlds repro --profile NAME` runs `dvc exp run -n NAME -S key=value ...`: DVC reruns the
 stages those values reach, records the experiment under the profile's name (which MLflow run
 names carry, see tracking/naming.py), and leaves params.yaml and the outputs in the workspace
-as the experiment made them (`git checkout params.yaml` returns to the default).
+as the experiment made them (`git checkout params.yaml && dvc repro` brings the default back).
 Overrides, not a second params file: a profile cannot drift from params.yaml, because every key
 it sets must already be there.
 """
