@@ -38,6 +38,7 @@ def test_a_profile_flattens_to_the_keys_it_changes(tmp_path):
     [
         ("tokenizer:\n  model:\n    patch_sze: 4\n", "tokenizer.model.patch_sze is not in params.yaml"),
         ("tokenizer:\n  model: 4\n", "tokenizer.model is a section in params.yaml"),
+        ("tokenizer:\n  model: {}\n", "tokenizer.model is empty"),
         ("- 1\n", "expected a mapping of params.yaml sections"),
         ("tokenizer: [\n", "not valid YAML"),
     ],

@@ -57,7 +57,9 @@ def load_profile(name: str, params: dict[str, Any], root: Path = Path(".")) -> d
         default = lookup(params, key)
         if default is MISSING:
             raise TinyWorldsError(f"{path}: {key} is not in params.yaml (a profile only changes existing values)")
-        if isinstance(default, dict) and not isinstance(value, dict):
+        if isinstance(value, dict):  # flatten leaves only empty mappings; `-S key={}` would wipe the section
+            raise TinyWorldsError(f"{path}: {key} is empty; name the values to change, or remove it")
+        if isinstance(default, dict):
             raise TinyWorldsError(f"{path}: {key} is a section in params.yaml; set the values inside it")
     return overrides
 
