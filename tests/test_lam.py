@@ -40,9 +40,12 @@ def test_infer_gives_one_action_per_transition():
     assert ids.min() >= 0 and ids.max() < 4
 
 
-@pytest.mark.parametrize("pair_encoding", ["stacked", "sequence"])
-def test_encoder_is_causal_in_time(pair_encoding):
-    model = tiny_lam(pair_encoding=pair_encoding)
+ENCODERS = [{"pair_encoding": "stacked"}, {"pair_encoding": "sequence"}, {"antisymmetric": True}]
+
+
+@pytest.mark.parametrize("encoder", ENCODERS)
+def test_encoder_is_causal_in_time(encoder):
+    model = tiny_lam(**encoder)
     frames = moving_squares()
     changed = frames.clone()
     changed[:, 2] = torch.rand_like(changed[:, 2])
@@ -157,13 +160,24 @@ def test_standardize_penalty_makes_the_raw_latent_standard():
     assert 0.5 < metrics["latent_std"] < 2.0
 
 
-@pytest.mark.parametrize("pair_encoding", ["stacked", "sequence"])
-def test_a_transition_gets_the_same_latent_wherever_it_sits_in_the_clip(pair_encoding):
-    model = tiny_lam(pair_encoding=pair_encoding)
+@pytest.mark.parametrize("encoder", ENCODERS)
+def test_a_transition_gets_the_same_latent_wherever_it_sits_in_the_clip(encoder):
+    model = tiny_lam(**encoder)
     frames = moving_squares()
     z = model.latents(frames)  # [B, 3, L]
     assert torch.allclose(z[:, 1:], model.latents(frames[:, 1:]), atol=1e-5)
     assert torch.allclose(z[:, 2], model.latents(frames[:, 2:])[:, 0], atol=1e-5)
+
+
+def test_antisymmetric_latent_flips_when_the_clip_plays_backwards():
+    frames = moving_squares()
+    model = tiny_lam(antisymmetric=True)
+    z = model.latents(frames)  # [B, 3, L]: j -> j+1
+    backwards = model.latents(frames.flip(1))  # [B, 3, L]: 3-j -> 2-j, the same transitions reversed
+    assert torch.allclose(backwards, -z.flip(1), atol=1e-5)
+    assert torch.allclose(model.latents(frames[:, [0, 0]]), torch.zeros(8, 1, 2), atol=1e-6)  # no change: 0
+    plain = tiny_lam().latents(frames)
+    assert not torch.allclose(tiny_lam().latents(frames.flip(1)), -plain.flip(1), atol=1e-3)
 
 
 def test_loss_without_videos_treats_the_batch_as_one_video():
@@ -200,6 +214,8 @@ def test_loss_backward_under_bf16_autocast():
         ({"patch_size": 3}, "LatentActionConfig.patch_size=3: frame_size 16 is not divisible by it"),
         ({"max_frames": 1}, "LatentActionConfig.max_frames=1"),
         ({"pair_encoding": "both"}, "LatentActionConfig.pair_encoding='both': must be one of stacked, sequence"),
+        ({"antisymmetric": True, "pair_encoding": "sequence"}, "LatentActionConfig.antisymmetric=True: needs pair_encoding: stacked"),
+        ({"antisymmetric": "yes"}, "LatentActionConfig.antisymmetric='yes': must be true or false"),
     ],
 )
 def test_config_errors_name_the_field(overrides, message):
