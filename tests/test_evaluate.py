@@ -155,6 +155,11 @@ def test_lam_metrics_against_true_actions_and_moves(evaluated):
     assert pong["directions_separated"] == 1.0
     assert (pong["id_for_negative_move"], pong["id_for_positive_move"]) == (PERMUTATION[1], PERMUTATION[2])
     assert 0 < pong["nmi_ceiling"] <= 1 and pong["nmi_over_ceiling"] >= 1
+    # Block-bootstrap intervals around both headline NMIs, which the headline carries too.
+    for key in ("nmi_displacement", "nmi_over_ceiling"):
+        assert pong[f"{key}_low"] <= pong[key] <= pong[f"{key}_high"]
+        assert evaluated["pong"]["headline"][f"lam_{key}_low"] == pong[f"{key}_low"]
+    assert pong["nmi_displacement_low"] < pong["nmi_displacement_high"]
     assert "nmi" not in evaluated["plain"]["lam"] and "nmi_displacement" not in evaluated["plain"]["lam"]
     assert "nmi" not in evaluated["mean"]["lam"]
     assert evaluated["plain"]["lam"]["entropy_nats"] == pytest.approx(math.log(4), abs=0.01)
@@ -252,6 +257,9 @@ def test_results_table_says_which_goals_each_dataset_meets(project, evaluated):
     table = goals_table(evaluated)
     assert table.splitlines()[0] == "| goal | plain | pong |" and len(table.splitlines()) == 2 + len(GOALS)
     assert "n/a" in table.splitlines()[3]  # plain has no recorded actions: its LAM goals cannot be judged
+    pong = evaluated["pong"]["headline"]
+    shown = f"{pong['lam_nmi_displacement']:.3f} [{pong['lam_nmi_displacement_low']:.3f}-{pong['lam_nmi_displacement_high']:.3f}]"
+    assert shown in table.splitlines()[3]  # the LAM's NMI with its 95% interval
     good = {"pong": {"headline": {"tokenizer_fg_recall": 0.97, "tokenizer_fg_psnr": 26.0, "lam_nmi_displacement": 0.7,
                                   "lam_directions_separated": 1.0, "lam_nmi": 0.3, "lam_nmi_ceiling": 0.4,
                                   "lam_nmi_over_ceiling": 0.75, "rollout_minus_copy_fg_psnr_min": 0.5,

@@ -154,6 +154,39 @@ def test_bootstrap_ci_contains_estimate_narrows_with_items_and_is_deterministic(
     assert all(math.isnan(v) for v in O.bootstrap_ci([np.nan, np.nan]))
 
 
+def test_block_bootstrap_keeps_runs_together_so_correlated_items_get_wider_intervals():
+    # 25 runs of 16 equal values: 25 independent values, not 400. Resampling single items
+    # believes in 400 and gives too narrow an interval; blocks of 16 see the 25.
+    values = np.repeat(np.random.default_rng(4).normal(0.0, 1.0, size=25), 16)  # [400]
+    def mean(rows: np.ndarray) -> float:
+        return float(values[rows].mean())
+    items = O.bootstrap_block_ci(values.size, mean, block=1, resamples=400)
+    blocks = O.bootstrap_block_ci(values.size, mean, block=16, resamples=400)
+    assert items[0] == blocks[0] == pytest.approx(values.mean())
+    assert blocks[1] <= blocks[0] <= blocks[2]
+    assert blocks[2] - blocks[1] > 2.5 * (items[2] - items[1])
+    assert O.bootstrap_block_ci(values.size, mean, block=16, resamples=400) == blocks
+    assert O.bootstrap_block_ci(values.size, mean, block=16, resamples=400, seed=1) != blocks
+    # A statistic of several aligned arrays: NMI of ids against labels, through the indices.
+    ids = np.repeat(np.arange(40) % 3, 10)
+    labels = ids.copy()
+    labels[::7] = (labels[::7] + 1) % 3  # mostly the same, so 0 < NMI < 1
+    def nmi(rows: np.ndarray) -> float:
+        return M.normalized_mutual_information(torch.from_numpy(ids[rows]), torch.from_numpy(labels[rows]))
+    estimate, low, high = O.bootstrap_block_ci(ids.size, nmi, block=10, resamples=200)
+    assert estimate == pytest.approx(nmi(np.arange(ids.size))) and 0 < low <= estimate <= high < 1
+    # Resamples whose statistic is NaN are left out; no items at all is three NaNs.
+    def nan_on_first_block(rows: np.ndarray) -> float:
+        return math.nan if 0 in rows else float(values[rows].mean())
+    partly = O.bootstrap_block_ci(values.size, nan_on_first_block, block=16, resamples=400)
+    assert math.isnan(partly[0]) and math.isfinite(partly[1]) and partly[1] <= partly[2]
+    assert all(math.isnan(v) for v in O.bootstrap_block_ci(0, mean, block=4))
+    with pytest.raises(TinyWorldsError, match="bootstrap_block_ci: block must be a whole number >= 1"):
+        O.bootstrap_block_ci(10, mean, block=0)
+    with pytest.raises(TinyWorldsError, match="bootstrap_block_ci: num_items"):
+        O.bootstrap_block_ci(-1, mean, block=2)
+
+
 def test_bootstrap_pooled_psnr_ci_brackets_the_estimate_and_drops_empty_items():
     rng = np.random.default_rng(2)
     counts = rng.integers(12, 48, size=30).astype(float)

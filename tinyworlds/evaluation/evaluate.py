@@ -239,10 +239,13 @@ def tokenizer_metrics(world: WorldModel, held: HeldOutClips, config: EvaluateCon
     }, tokens.cpu(), recon
 
 
-def lam_metrics(transitions: dict[str, Transitions], num_actions: int,
-                action_meanings: list[str]) -> tuple[dict[str, Any], torch.Tensor]:
+def lam_metrics(transitions: dict[str, Transitions], num_actions: int, action_meanings: list[str], *,
+                resamples: int = 1000, seed: int = 0) -> tuple[dict[str, Any], torch.Tensor]:
     """How the LAM uses its ids on held-out transitions, and how well they name the controls.
 
+    The NMIs with the move sign and over the ceiling come with `_low` / `_high`: a 95% block
+    bootstrap over the transitions (`TRANSITION_BLOCK` in a row), since a game's few held-out
+    stretches make them vary far more than their many transitions suggest.
     Returns (metrics, usage fractions [A])."""
     held = transitions[VAL]
     if held.latent.size == 0:
@@ -277,17 +280,35 @@ def lam_metrics(transitions: dict[str, Transitions], num_actions: int,
     if held.displacement is not None:
         known = held.displacement != O.UNKNOWN
         moved = held.displacement[known]
+        ids_known = held.latent[known]
         out["displacement_transitions"] = int(known.sum())
-        out["nmi_displacement"] = M.normalized_mutual_information(latent[known], torch.from_numpy(moved + 1))  # 0..2
-        separation = O.opposite_directions_separated(held.latent[known], moved)
+        def nmi_displacement(rows: np.ndarray) -> float:
+            return M.normalized_mutual_information(torch.from_numpy(ids_known[rows]), torch.from_numpy(moved[rows] + 1))
+        out |= interval("nmi_displacement", nmi_displacement, moved.size, resamples, seed)
+        separation = O.opposite_directions_separated(ids_known, moved)
         out["directions_separated"] = float(separation.separated)
         out["id_for_positive_move"] = -1 if separation.latent_for_positive is None else separation.latent_for_positive
         out["id_for_negative_move"] = -1 if separation.latent_for_negative is None else separation.latent_for_negative
         if held.true is not None:
-            ceiling = O.perfect_detector_nmi(held_true[known], moved)
+            true_known = held_true[known]
+            ceiling = O.perfect_detector_nmi(true_known, moved)
             out["nmi_ceiling"] = ceiling  # a perfect detector of the move's sign, on the same transitions
-            out["nmi_over_ceiling"] = out["nmi"] / ceiling if ceiling > 0 else float("nan")
+            def over_ceiling(rows: np.ndarray) -> float:
+                # The ceiling is recomputed on each resample: it is a property of the same transitions.
+                ceiling = O.perfect_detector_nmi(true_known[rows], moved[rows])
+                nmi = M.normalized_mutual_information(torch.from_numpy(ids_known[rows]), torch.from_numpy(true_known[rows]))
+                return nmi / ceiling if ceiling > 0 else float("nan")
+            out |= interval("nmi_over_ceiling", over_ceiling, moved.size, resamples, seed)
     return out, fractions
+
+
+TRANSITION_BLOCK = 16  # transitions a bootstrap block keeps together: ~1 s at 15 fps, longer than the recorders hold an action
+
+
+def interval(name: str, statistic, num_items: int, resamples: int, seed: int) -> dict[str, float]:
+    """{name, name_low, name_high}: `statistic` of the transitions and its 95% block bootstrap interval."""
+    estimate, low, high = O.bootstrap_block_ci(num_items, statistic, block=TRANSITION_BLOCK, resamples=resamples, seed=seed)
+    return {name: estimate, f"{name}_low": low, f"{name}_high": high}
 
 
 def horizon_rows(name: str, condition: str, frames: torch.Tensor, future: torch.Tensor, background: np.ndarray,
@@ -379,7 +400,8 @@ def headline(tokenizer: dict[str, Any], lam: dict[str, Any], dynamics: dict[str,
         "delta_fg_psnr_low": dynamics["delta_fg_psnr_low"],
         "lam_used_ids": lam["used_ids"],
     }
-    for key in ("nmi", "nmi_displacement", "nmi_ceiling", "nmi_over_ceiling", "directions_separated"):
+    for key in ("nmi", "nmi_displacement", "nmi_displacement_low", "nmi_displacement_high", "nmi_ceiling",
+                "nmi_over_ceiling", "nmi_over_ceiling_low", "nmi_over_ceiling_high", "directions_separated"):
         if key in lam:
             out[f"lam_{key}"] = lam[key]
     return out
@@ -545,7 +567,8 @@ def evaluate(params: dict[str, Any], root: Path = Path(".")) -> dict[str, Any]:
             world.check_frames(held.frames, str(layout.frames(name)))
             tokenizer, tokens, recon = tokenizer_metrics(world, held, config)
             transitions = split_transitions(layout.latent_actions(name), layout.frames(name), split, frame_skip)
-            lam, usage = lam_metrics(transitions, world.num_actions, held.action_meanings)
+            lam, usage = lam_metrics(transitions, world.num_actions, held.action_meanings,
+                                     resamples=config.bootstrap_resamples, seed=config.seed)
             dynamics, dataset_rows, pictures = dynamics_metrics(world, name, held, tokens, recon, usage, config,
                                                                 context, settings)
             rows += dataset_rows

@@ -32,18 +32,24 @@ def _known(*values: float) -> bool:
     return all(math.isfinite(v) for v in values)
 
 
+def _range(headline: dict[str, Any], key: str, digits: int = 3) -> str:
+    """' [low-high]': the 95% interval of `key`, or '' where the headline has none (older runs)."""
+    low, high = _get(headline, f"{key}_low"), _get(headline, f"{key}_high")
+    return f" [{low:.{digits}f}-{high:.{digits}f}]" if _known(low, high) else ""
+
+
 GOALS = (
     Goal("tokenizer keeps the objects: fg recall >= 0.95, fg PSNR >= 25 dB",
          lambda h: f"{_get(h, 'tokenizer_fg_recall'):.3f}, {_get(h, 'tokenizer_fg_psnr'):.1f} dB",
          lambda h: _get(h, "tokenizer_fg_recall") >= 0.95 and _get(h, "tokenizer_fg_psnr") >= 25),
     Goal("LAM names the moves: NMI with the move's sign >= 0.6, opposite moves apart",
-         lambda h: f"{_get(h, 'lam_nmi_displacement'):.3f}, "
+         lambda h: f"{_get(h, 'lam_nmi_displacement'):.3f}{_range(h, 'lam_nmi_displacement')}, "
                    f"{'apart' if _get(h, 'lam_directions_separated') == 1 else 'together'}",
          lambda h: (_get(h, "lam_nmi_displacement") >= 0.6 and _get(h, "lam_directions_separated") == 1)
          if _known(_get(h, "lam_nmi_displacement")) else None),
     Goal("LAM names the controls: NMI with true actions >= 2/3 of a perfect move detector's",
          lambda h: f"{_get(h, 'lam_nmi'):.3f} of {_get(h, 'lam_nmi_ceiling'):.3f} "
-                   f"({_get(h, 'lam_nmi_over_ceiling'):.2f})",
+                   f"({_get(h, 'lam_nmi_over_ceiling'):.2f}{_range(h, 'lam_nmi_over_ceiling', 2)})",
          lambda h: _get(h, "lam_nmi_over_ceiling") >= 2 / 3 if _known(_get(h, "lam_nmi_over_ceiling")) else None),
     Goal("rollout beats copying the last real frame on the objects at every horizon",
          lambda h: f"{_get(h, 'rollout_minus_copy_fg_psnr_min'):+.2f} dB at worst",

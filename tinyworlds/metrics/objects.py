@@ -16,7 +16,8 @@ Aggregation: a per-item PSNR is +inf when prediction and truth agree, so PSNRs a
 averaged here. Items carry their summed squared error and the number of values counted, and
 a set of items scores the PSNR of their pooled MSE (`pooled_psnr`). Confidence intervals are
 percentile bootstraps over items, which should be clips (frames of one clip are correlated):
-`summarize_foreground` pools the frames of each clip first.
+`summarize_foreground` pools the frames of each clip first. Transitions of a video, which
+come one after another, are resampled in blocks (`bootstrap_block_ci`).
 """
 
 from __future__ import annotations
@@ -290,6 +291,43 @@ def bootstrap_ci(
     indices = _resample_indices(values.size, int(resamples), seed)  # [R, N]
     resampled = np.array([float(statistic(values[row])) for row in indices])  # [R]
     return _interval(float(statistic(values)), resampled, level)
+
+
+def bootstrap_block_ci(
+    num_items: int,
+    statistic: Callable[[np.ndarray], float],
+    *,
+    block: int,
+    resamples: int = 1000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> tuple[float, float, float]:
+    """Moving-block bootstrap of a statistic of N items in time order: (estimate, low, high).
+
+    For items that are not independent, such as consecutive transitions of one video (an
+    action is held for several of them): the items are cut into ceil(N / block) consecutive
+    blocks of about `block` items, the blocks are resampled with replacement, and
+    `statistic(indices)` gets the item indices [n] of each resample, so any statistic of
+    several aligned arrays works (NMI of ids against labels, say). The estimate is
+    `statistic(arange(N))`; the bounds are percentiles as in `bootstrap_ci`, deterministic
+    for a seed, over the resamples where the statistic is not NaN. Three NaNs for no items.
+    """
+    where = "bootstrap_block_ci"
+    if isinstance(num_items, bool) or not isinstance(num_items, (int, np.integer)) or num_items < 0:
+        raise TinyWorldsError(f"{where}: num_items must be a whole number >= 0, got {num_items!r}")
+    if isinstance(block, bool) or not isinstance(block, (int, np.integer)) or block < 1:
+        raise TinyWorldsError(f"{where}: block must be a whole number >= 1, got {block!r}")
+    if not callable(statistic):
+        raise TinyWorldsError(f"{where}: statistic must be callable, got {type(statistic).__name__}")
+    _bootstrap_settings(resamples, level, where)
+    if num_items == 0:
+        return math.nan, math.nan, math.nan
+    blocks = np.array_split(np.arange(num_items), -(-num_items // block))  # consecutive, in order
+    chosen = _resample_indices(len(blocks), int(resamples), seed)  # [R, blocks]
+    resampled = np.array([float(statistic(np.concatenate([blocks[b] for b in row]))) for row in chosen])  # [R]
+    resampled = resampled[~np.isnan(resampled)]
+    estimate = float(statistic(np.arange(num_items)))
+    return _interval(estimate, resampled, level) if resampled.size else (estimate, math.nan, math.nan)
 
 
 def _pieces(sq_error_sums: Any, counts: Any, where: str, prefix: str = "") -> tuple[np.ndarray, np.ndarray]:
