@@ -4,6 +4,7 @@
     python bench/run_all.py --threads 1 --only training generation
     python bench/run_all.py --device cuda --bf16 --compile   # MFU of dynamics on CUDA
     python bench/run_all.py --summarize                      # tables from the JSON already there
+    TW_REF=/path/to/tinyworlds python bench/run_all.py       # and TinyWorlds side by side
 
 Each bench runs in its own process and writes bench/results/NAME.json; this then writes
 bench/results/summary.json (all of them) and summary.md (the tables it prints). --device and
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -29,7 +31,11 @@ BENCHES = {
     "training": ("bench_training.py", "training.json", ("device", "threads", "bf16", "compile")),
     "generation": ("bench_models.py", "generation.json", ("device", "threads", "bf16")),
     "threads": ("bench_threads.py", "threads.json", ()),
+    "tinyworlds": ("bench_tinyworlds.py", "tinyworlds.json", ("threads",)),
 }
+# TinyWorlds side by side runs by default only where TW_REF names its tree (minutes per
+# thread count); otherwise ask for it with --only tinyworlds (our side alone, as it says).
+DEFAULT = [name for name in BENCHES if name != "tinyworlds" or os.environ.get("TW_REF")]
 
 
 def run(name: str, args: argparse.Namespace) -> None:
@@ -126,8 +132,28 @@ def threads_table(r: dict) -> list[str]:
     return lines
 
 
+def tinyworlds_table(r: dict) -> list[str]:
+    sides = r["sides"][1:]
+    lines = [f"Beside TinyWorlds (bench_tinyworlds.py; ms a training step or a generated frame, median of "
+             f"{r['reps']} turns; ratios: the other side's time over ours; share: our model FLOP/s of this CPU's "
+             f"fp32 GEMM peak)", "",
+             "| threads | sizes | part | ours ms | " + " | ".join(f"{side} / ours" for side in sides)
+             + " | share of peak |", "|---:|---|---|---:|" + "---:|" * (len(sides) + 1)]
+    for run in r["runs"]:
+        for preset, rows in run["presets"].items():
+            for part, row in rows.items():
+                ours = row["ours"]
+                ratios = " | ".join(f"{row[f'{side}_over_ours']:.2f}x" for side in sides)
+                share = harness.number(ours.get("share_of_gemm_peak"), ".1%")
+                lines.append(f"| {run['threads']} | {preset} | {part} | {1000 * ours['seconds']:.1f} | "
+                             + (f"{ratios} | " if sides else "") + f"{share} |")
+    if not r.get("tw_ref"):
+        lines += ["", "No TinyWorlds tree (TW_REF unset): our own sides alone."]
+    return lines
+
+
 TABLES = {"generation": generation_table, "training": training_table, "loader": loader_table, "ingest": ingest_table,
-          "threads": threads_table}
+          "threads": threads_table, "tinyworlds": tinyworlds_table}
 
 
 def summarize(results_dir: Path) -> str:
@@ -138,7 +164,7 @@ def summarize(results_dir: Path) -> str:
         if path.is_file():
             results[name] = json.loads(path.read_text())
     blocks = [machine_line(results)]
-    for name in ("generation", "threads", "training", "loader", "ingest"):
+    for name in ("generation", "threads", "training", "tinyworlds", "loader", "ingest"):
         if name in results:
             blocks.append("\n".join(TABLES[name](results[name])))
     markdown = "\n\n".join(blocks) + "\n"
@@ -149,8 +175,9 @@ def summarize(results_dir: Path) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", nargs="+", choices=list(BENCHES), default=list(BENCHES),
-                        help="run these; the summary covers every bench's latest JSON")
+    parser.add_argument("--only", nargs="+", choices=list(BENCHES), default=DEFAULT,
+                        help="run these (default: all, tinyworlds only with TW_REF set); the summary covers "
+                             "every bench's latest JSON")
     parser.add_argument("--summarize", action="store_true", help="only rebuild the summary from existing JSON")
     parser.add_argument("--results", type=Path, default=harness.RESULTS)
     harness.add_machine_args(parser)

@@ -58,8 +58,14 @@ def test_the_summary_tables_build_from_the_smoke_results(tmp_path):
     """run_all's tables read the fields the scripts write: rebuild them from fresh tiny results."""
     for script, name in (("bench_training.py", "training.json"), ("bench_models.py", "generation.json")):
         run(script, *TINY[script], "--device", "cpu", "--out", str(tmp_path / name))
+    run("bench_tinyworlds.py", *TINY["bench_tinyworlds.py"], "--out", str(tmp_path / "tinyworlds.json"))
     result = run("run_all.py", "--summarize", "--results", str(tmp_path))
-    assert "wrote" in result.stdout and (tmp_path / "summary.md").read_text().strip()
+    summary = (tmp_path / "summary.md").read_text()
+    assert "wrote" in result.stdout and summary.strip()
+    # The side-by-side table: one row per part at the tiny sizes, our side alone without TW_REF.
+    rows = [line for line in summary.splitlines() if line.startswith("| 1 | tiny |")]
+    assert {row.split(" | ")[2] for row in rows} == {"tokenizer", "lam", "dynamics", "generation"}
+    assert "our own sides alone" in summary
 
 
 def test_tinyworlds_side_by_side_rejects_a_bad_tree_in_one_line(tmp_path):
