@@ -46,8 +46,10 @@ the latent. NMI with the player's move sign, Pong / Breakout / Space Invaders, a
 800 steps, held-out (and training) transitions: clips of 4 x 16 0.13 / 0.31 / 0.25 (0.10 /
 0.28 / 0.27); clips of 8 x 8 0.06 / 0.11 / 0.20; clips of 2 x 48, the same frames a step,
 0.27 / 0.50 / 0.35 (0.23 / 0.51 / 0.41; seed 1: 0.32 / 0.47 / 0.30). Stopped at 400 steps
-they are closer still on Pong: 0.51 / 0.43 / 0.39 (0.42 / 0.42 / 0.39; seed 1: 0.37 / 0.47 /
-0.29), and the stage takes half the time. A likely reason, not measured: from frame t alone
+they are closer still on Pong, a little less on Breakout: 0.51 / 0.43 / 0.39 (0.42 / 0.42 /
+0.39; seed 1: 0.37 / 0.47 / 0.29), and the stage takes half the time. (Without antisymmetry a
+decoder that saw frame t alone did not help, 0.14 / 0.16 / 0.08: those ids did not tell the
+direction at all.) A likely reason for the drift, not measured: from frame t alone
 the ball's direction is unknown to the decoder too, and later in training the latent starts
 to spend itself on it.
 
