@@ -40,6 +40,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -73,6 +74,7 @@ STAGE = "evaluate"
 CONDITIONS = ("rollout", "random_ids", "copy_last_frame", "copy_tokens", "tokenizer_ceiling")
 PSNR_CAP = 100.0  # dB reported for predictions without any error
 USED_ID_SHARE = 0.01  # an id counts as used by the LAM above this share of held-out transitions
+TRANSITION_BLOCK = 16  # transitions a bootstrap block keeps together: ~1 s at 15 fps, longer than the recorders hold an action
 
 
 @dataclass
@@ -302,10 +304,8 @@ def lam_metrics(transitions: dict[str, Transitions], num_actions: int, action_me
     return out, fractions
 
 
-TRANSITION_BLOCK = 16  # transitions a bootstrap block keeps together: ~1 s at 15 fps, longer than the recorders hold an action
-
-
-def interval(name: str, statistic, num_items: int, resamples: int, seed: int) -> dict[str, float]:
+def interval(name: str, statistic: Callable[[np.ndarray], float], num_items: int, resamples: int,
+             seed: int) -> dict[str, float]:
     """{name, name_low, name_high}: `statistic` of the transitions and its 95% block bootstrap interval."""
     estimate, low, high = O.bootstrap_block_ci(num_items, statistic, block=TRANSITION_BLOCK, resamples=resamples, seed=seed)
     return {name: estimate, f"{name}_low": low, f"{name}_high": high}

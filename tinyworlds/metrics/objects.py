@@ -302,7 +302,8 @@ def bootstrap_block_ci(
     level: float = 0.95,
     seed: int = 0,
 ) -> tuple[float, float, float]:
-    """Moving-block bootstrap of a statistic of N items in time order: (estimate, low, high).
+    """Block bootstrap (fixed, non-overlapping blocks) of a statistic of N items in time order:
+    (estimate, low, high).
 
     For items that are not independent, such as consecutive transitions of one video (an
     action is held for several of them): the items are cut into ceil(N / block) consecutive
