@@ -256,7 +256,7 @@ def test_results_table_says_which_goals_each_dataset_meets(project, evaluated):
 
     table = goals_table(evaluated)
     assert table.splitlines()[0] == "| goal | plain | pong |" and len(table.splitlines()) == 2 + len(GOALS)
-    assert "n/a" in table.splitlines()[3]  # plain has no recorded actions: its LAM goals cannot be judged
+    assert "met: n/a" in table.splitlines()[3]  # plain has no recorded actions: its LAM goals cannot be judged
     pong = evaluated["pong"]["headline"]
     shown = f"{pong['lam_nmi_displacement']:.3f} [{pong['lam_nmi_displacement_low']:.3f}-{pong['lam_nmi_displacement_high']:.3f}]"
     assert shown in table.splitlines()[3]  # the LAM's NMI with its 95% interval
@@ -264,7 +264,7 @@ def test_results_table_says_which_goals_each_dataset_meets(project, evaluated):
                                   "lam_directions_separated": 1.0, "lam_nmi": 0.3, "lam_nmi_ceiling": 0.4,
                                   "lam_nmi_over_ceiling": 0.75, "rollout_minus_copy_fg_psnr_min": 0.5,
                                   "delta_fg_psnr": 1.5, "delta_fg_psnr_low": 0.4}}}
-    assert all(line.endswith(": yes |") for line in goals_table(good).splitlines()[2:])
+    assert all(line.endswith("; met: yes |") for line in goals_table(good).splitlines()[2:])
     result = CliRunner().invoke(app, ["results", "--metrics", str(Layout(project).metrics("evaluate"))])
     assert result.exit_code == 0 and result.output.strip() == table
     missing = CliRunner().invoke(app, ["results", "--metrics", str(project / "nope.json")])

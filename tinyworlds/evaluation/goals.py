@@ -71,7 +71,7 @@ def load_results(path: Path) -> dict[str, Any]:
 
 def goals_table(results: dict[str, Any]) -> str:
     """A markdown table: one row per goal, one column per dataset, each cell the figures and
-    whether the goal is met (yes / no / n/a where the data cannot tell)."""
+    whether the goal is met (met: yes / no / n/a where the data cannot tell)."""
     names = sorted(n for n, block in results.items() if n != "mean" and isinstance(block, dict) and "headline" in block)
     if not names:
         raise TinyWorldsError("evaluate.json has no dataset with a headline block (rerun stage evaluate)")
@@ -81,6 +81,7 @@ def goals_table(results: dict[str, Any]) -> str:
         for name in names:
             headline = results[name]["headline"]
             met = goal.met(headline)
-            cells.append(f"{goal.shown(headline)}: {'n/a' if met is None else 'yes' if met else 'no'}")
+            # "met: no", not ": no": a cell like "apart: no" would read as "not apart"
+            cells.append(f"{goal.shown(headline)}; met: {'n/a' if met is None else 'yes' if met else 'no'}")
         lines.append(f"| {goal.label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
