@@ -347,3 +347,66 @@ def test_tokens_that_change_weigh_change_weight():
     assert not torch.isclose(plain_loss, heavy_loss) and 0 <= metrics["changed_accuracy"] <= 1
     with pytest.raises(TinyWorldsError, match="change_weight"):
         DynamicsConfig(**TINY, change_weight=0.5)
+
+
+# ---------------------------------------------------------------------------------------------
+# copy logit
+
+
+def with_copy_bias(model: DynamicsModel, bias: float, seed: int = 5) -> DynamicsModel:
+    """The model's copy head given random weights and `bias`, as training would leave it."""
+    with torch.no_grad():
+        model.copy_head.weight.copy_(torch.randn(model.copy_head.weight.shape, generator=torch.Generator().manual_seed(seed)))
+        model.copy_head.bias.fill_(bias)
+    return model
+
+
+def test_copy_logit_starts_as_the_plain_model():
+    tokens, actions = random_clip()
+    plain, copying = tiny_dynamics(), tiny_dynamics(copy_logit=True)
+    assert torch.equal(plain(tokens, actions), copying(tokens, actions))
+
+
+def test_copy_logit_goes_to_the_token_one_frame_earlier():
+    model = with_copy_bias(tiny_dynamics(copy_logit=True), 0.0)
+    tokens, actions = random_clip()
+    tokens[0, 1, 0] = V  # a masked token points nowhere
+    features = model.features(tokens, actions)  # [B, T, P, E]
+    raised = model(tokens, actions) - model.head(features)  # [B, T, P, V]: the copy logits alone
+    copy = model.copy_head(features)[..., 0]  # [B, T, P]
+    assert torch.equal(raised[:, 0], torch.zeros_like(raised[:, 0]))  # nothing before frame 0
+    assert torch.equal(raised[0, 2, 0], torch.zeros(V))  # after the masked token
+    for b, t, p in [(0, 1, 3), (2, 3, 7), (3, 2, 15)]:
+        expected = torch.zeros(V)
+        expected[tokens[b, t - 1, p]] = copy[b, t, p]
+        assert torch.allclose(raised[b, t, p], expected, atol=1e-5)
+
+
+def test_a_confident_copy_logit_generates_the_frame_before():
+    model = with_copy_bias(tiny_dynamics(copy_logit=True), 60.0)
+    context, context_actions = random_clip(batch=3, frames=2)
+    new = model.generate(context, torch.zeros(3, 3, dtype=torch.long), context_actions=context_actions, steps=4)
+    for n in range(3):
+        assert torch.equal(new[:, n], context[:, -1])
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_cached_generation_with_the_copy_logit_equals_the_uncached_reference(temperature):
+    model = with_copy_bias(tiny_dynamics(copy_logit=True, num_blocks=3), 1.5)
+    context, context_actions = random_clip(batch=3, frames=2, seed=6)
+    actions = torch.randint(0, A, (3, 4), generator=torch.Generator().manual_seed(7))  # slides the window
+    kwargs = dict(context_actions=context_actions, steps=5, temperature=temperature, seed=3)
+    cached = model.generate(context, actions, **kwargs)
+    assert torch.equal(cached, model.generate(context, actions, use_cache=False, **kwargs))
+
+
+def test_the_copy_head_learns():
+    model = tiny_dynamics(copy_logit=True, mask_ratio_min=1.0).train()
+    tokens, actions = random_clip()
+    tokens[:, 1:] = tokens[:, :1]  # nothing changes: copying is right everywhere
+    loss, _ = model.loss(tokens, actions)
+    loss.backward()
+    # Zero at the start, the copy logit is pushed up (its gradient on the bias is negative).
+    assert model.copy_head.bias.grad.item() < 0 and model.copy_head.weight.grad.abs().sum() > 0
+    with pytest.raises(TinyWorldsError, match="copy_logit"):
+        DynamicsConfig(**TINY, copy_logit="yes")

@@ -5,6 +5,13 @@ an action embedding -> Linear to V logits. The action taken between frames t-1 a
 conditions frame t; frame 0 and context frames whose action is unknown get the learned null
 action (index A).
 
+With `copy_logit`, a second head gives each position one more logit, added to the logit of the
+token the same patch held one frame earlier: "keep this patch as it was" is a single learned
+number per position, not a 1-in-V choice the output layer has to rediscover for every token.
+Most patches of a game do not change between frames, so this makes copying the default and
+leaves the V-way head to what moves (the head is zero at the start, so training starts from
+the plain model).
+
 Training masks, per sample, a ratio r ~ U[mask_ratio_min, mask_ratio_max] of the tokens of
 every frame 1..T-1: exactly ceil(r * P) positions per frame, chosen uniformly (MaskGIT-style,
 so each frame has at least one target). Frame 0 is never masked: it anchors the clip, as the
@@ -67,6 +74,7 @@ class DynamicsConfig:
     # earlier, over one that does not: most patches of a game never change, so with weight 1
     # the model learns to copy and the moving objects are a rounding error in the loss.
     change_weight: float = 1.0
+    copy_logit: bool = False  # a learned per-position logit for the patch's token one frame earlier
 
     def __post_init__(self):
         check_positive_ints(self, "vocab_size", "num_patches", "num_actions", "num_blocks", "max_frames")
@@ -82,6 +90,7 @@ class DynamicsConfig:
         check(self, "mask_ratio_max", self.mask_ratio_max >= self.mask_ratio_min,
               f"must be >= mask_ratio_min {self.mask_ratio_min}")
         check_fraction(self, "action_dropout", 0.0, 1.0)
+        check(self, "copy_logit", isinstance(self.copy_logit, bool), "must be true or false")
         check(self, "action_dropout", self.action_dropout < 1.0, "must be < 1 (actions must reach the model)")
 
 
@@ -131,6 +140,10 @@ class DynamicsModel(nn.Module):
             cond_dim=c.embed_dim,
         )
         self.head = nn.Linear(c.embed_dim, c.vocab_size)
+        self.copy_head = nn.Linear(c.embed_dim, 1) if c.copy_logit else None
+        if self.copy_head is not None:
+            nn.init.zeros_(self.copy_head.weight)
+            nn.init.zeros_(self.copy_head.bias)
 
     def conditions(self, actions: Tensor) -> Tensor:
         """Actions [B, T-1] (id A = null) -> each frame's FiLM condition [B, T, E]: the embedding
@@ -143,8 +156,22 @@ class DynamicsModel(nn.Module):
         return self.transformer(self.token_embed(tokens), self.conditions(actions))  # [B, T, P, E]
 
     def forward(self, tokens: Tensor, actions: Tensor) -> Tensor:
-        """Tokens [B, T, P] and actions [B, T-1] -> logits [B, T, P, V]."""
-        return self.head(self.features(tokens, actions))
+        """Tokens [B, T, P] and actions [B, T-1] -> logits [B, T, P, V]. With `copy_logit`, frame
+        t's copy logit goes to frame t-1's token (frame 0 has none; nor has a masked token)."""
+        unknown = torch.full_like(tokens[:, :1], self.mask_id)  # [B, 1, P]: nothing before frame 0
+        previous = torch.cat([unknown, tokens[:, :-1]], dim=1)  # [B, T, P]
+        return self.token_logits(self.features(tokens, actions), previous)  # [B, T, P, V]
+
+    def token_logits(self, features: Tensor, previous: Tensor) -> Tensor:
+        """Features [..., E] and the same positions' tokens one frame earlier [...] (id V:
+        unknown) -> logits [..., V]: the head's, plus the copy logit on the earlier token."""
+        logits = self.head(features)  # [..., V]
+        if self.copy_head is None:
+            return logits
+        known = previous != self.mask_id  # [...]
+        copy = self.copy_head(features).to(logits.dtype) * rearrange(known, "... -> ... 1")  # [..., 1]
+        index = rearrange(torch.where(known, previous, 0), "... -> ... 1")  # [..., 1]
+        return logits.scatter_add(-1, index, copy)  # [..., V]
 
     def loss(self, tokens: Tensor, actions: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """Masked-token cross-entropy (scheme in the module docstring).
@@ -166,7 +193,8 @@ class DynamicsModel(nn.Module):
             actions = torch.where(dropped, self.null_action, actions)
 
         # Logits only for frames 1..T-1: frame 0 is never a target.
-        logits = self.head(self.features(inputs, actions)[:, 1:])  # [B, T-1, P, V]
+        # The copy logit points at the true tokens of the frame before, as generation knows it whole.
+        logits = self.token_logits(self.features(inputs, actions)[:, 1:], tokens[:, :-1])  # [B, T-1, P, V]
         logits = rearrange(logits, "b t p v -> (b t p) v")  # [B*(T-1)*P, V]
         targets = rearrange(tokens[:, 1:], "b t p -> (b t p)")  # [B*T*P]
         changed = rearrange(tokens[:, 1:] != tokens[:, :-1], "b t p -> (b t p)").float()  # [B*T*P]
@@ -234,7 +262,7 @@ class DynamicsModel(nn.Module):
             # The window's first frame takes the null action, as frame 0 does in training.
             frame_features = self._frame_features(known, past_actions[:, -known.shape[1]:], use_cache)
             frame = self._sample_frame(
-                frame_features, b, p, seeds, n, steps, MASK_SCHEDULES[schedule], temperature
+                frame_features, known[:, -1], seeds, n, steps, MASK_SCHEDULES[schedule], temperature
             )  # [B, P]
             tokens = torch.cat([tokens, rearrange(frame, "b p -> b 1 p")], dim=1)  # [B, T+1, P]
             new_frames.append(frame)
@@ -261,8 +289,10 @@ class DynamicsModel(nn.Module):
 
         return from_cache
 
-    def _sample_frame(self, frame_features, b, p, seeds, frame_index, steps, masked_fraction, temperature) -> Tensor:
-        """MaskGIT unmasking of one frame of [B, P] tokens, scored by `frame_features` -> the frame [B, P]."""
+    def _sample_frame(self, frame_features, previous, seeds, frame_index, steps, masked_fraction, temperature) -> Tensor:
+        """MaskGIT unmasking of one frame of [B, P] tokens, scored by `frame_features`, after the
+        frame `previous` [B, P] -> the frame [B, P]."""
+        b, p = previous.shape
         frame = torch.full((b, p), self.mask_id, dtype=torch.long, device=seeds.device)  # [B, P]
         masked_count = p  # M: every sample has the same number of masked positions at each step
         for step in range(steps):
@@ -271,7 +301,7 @@ class DynamicsModel(nn.Module):
             masked = is_known.byte().argsort(dim=-1, stable=True)[:, :masked_count]  # [B, M], ascending
             features = frame_features(frame)  # [B, P, E]
             features = features.gather(1, repeat(masked, "b m -> b m e", e=features.shape[-1]))  # [B, M, E]
-            logits = self.head(features).float()  # [B, M, V]
+            logits = self.token_logits(features, previous.gather(1, masked)).float()  # [B, M, V]
             if temperature == 0:
                 probs = logits.softmax(-1)  # [B, M, V]
                 sampled = probs.argmax(-1)  # [B, M]
