@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import shutil
 from pathlib import Path
 
 import av
@@ -141,6 +142,26 @@ def test_every_held_out_clip_by_default(project):
     split = SplitConfig(**PARAMS["data"]["split"])
     every = held_out_clips(Layout(project).frames("pong"), split, clip_len=6, frame_skip=1, max_clips=None)
     assert every.frames.shape[0] == 40 // 6  # validation frames 160..199, non-overlapping clips of 6
+
+
+def test_clips_with_a_cut_are_left_out_and_counted(project, tmp_path):
+    split = SplitConfig(**PARAMS["data"]["split"])
+    path = tmp_path / "pong.zarr"
+    shutil.copytree(Layout(project).frames("pong"), path)
+    every = held_out_clips(path, split, clip_len=6, frame_skip=1, max_clips=None, cut_fraction=0.5)
+    assert every.frames.shape[0] == 40 // 6 and every.clips_with_cuts == 0  # a moving square is no cut
+    zarr.open_group(str(path), mode="r+")["frames"][170] = 255  # a white flash in the second clip (166..171)
+    held = held_out_clips(path, split, clip_len=6, frame_skip=1, max_clips=None, cut_fraction=0.5)
+    assert held.clips_with_cuts == 1 and held.frames.shape[0] == 40 // 6 - 1
+    assert torch.equal(held.frames, every.frames[[0, *range(2, 40 // 6)]])
+    assert held.true_actions.shape[0] == held.frames.shape[0]
+    kept = held_out_clips(path, split, clip_len=6, frame_skip=1, max_clips=None, cut_fraction=None)
+    assert kept.frames.shape[0] == 40 // 6 and kept.clips_with_cuts == 0
+    # A share so small that the moving square is a cut in every clip: nothing left to score.
+    with pytest.raises(TinyWorldsError, match="every validation clip of 6 frames has a cut"):
+        held_out_clips(path, split, clip_len=6, frame_skip=1, max_clips=None, cut_fraction=1e-6)
+    with pytest.raises(TinyWorldsError, match="cut_fraction"):
+        EvaluateConfig(cut_fraction=0)
 
 
 def test_lam_metrics_against_true_actions_and_moves(evaluated):

@@ -108,6 +108,18 @@ def test_scores_keep_leading_dims_and_mark_empty_items_nan():
     assert summary["fg_recall"] == summary["fg_precision"] == 1.0
 
 
+def test_a_reset_flash_is_a_cut_and_a_moving_ball_is_not():
+    bg = background()
+    play = clip(bg, range(1, 6))  # [5, H, W, C]: the ball moving one column a step
+    flashed = play.copy()
+    flashed[2] = np.full_like(bg, 200)  # a game reset: the whole screen changes for a frame
+    clips = np.stack([play, flashed])  # [2, T, H, W, C]
+    assert O.clips_with_cuts(clips).tolist() == [False, True]
+    # The share of pixels that makes a cut is the caller's: at 0 every moving ball is one.
+    assert O.clips_with_cuts(clips, fraction=0.0).tolist() == [True, True]
+    assert O.clips_with_cuts(np.stack([play[:1], flashed[:1]])).tolist() == [False, False]  # no step
+
+
 def test_summary_pools_frames_within_clips():
     bg = background()
     truth = np.stack([clip(bg, [2, 6]), clip(bg, [2, 6]), clip(bg, [2, 6])])  # [B=3, T=2, ...]
@@ -305,6 +317,8 @@ FRAMES = clip(BG, [1, 2])
         (lambda: O.merge_equivalent_actions([0, 6], ["NOOP", "FIRE"]), "meanings"),
         (lambda: O.merge_equivalent_actions([], ["NOOP"]), "actions"),
         (lambda: O.opposite_directions_separated([-1, 0], [1, -1]), "latent"),
+        (lambda: O.clips_with_cuts(FRAMES), "clips"),
+        (lambda: O.clips_with_cuts(FRAMES[None, None], fraction=2.0), "fraction"),
     ],
 )
 def test_bad_input_raises_a_one_line_error_naming_the_argument(call, argument):

@@ -167,6 +167,24 @@ def _mask(frames: np.ndarray, background: np.ndarray, threshold: float) -> np.nd
     return difference.max(axis=-1) > threshold  # [..., H, W]
 
 
+def clips_with_cuts(clips: Any, threshold: float = 24, fraction: float = 0.5) -> np.ndarray:
+    """Clips uint8 [B, T, H, W, C] -> bool [B]: whether any step t -> t+1 of the clip changes
+    more than `fraction` of its pixels (by more than `threshold` in some channel).
+
+    Such a step is a cut (a game resetting, a flash, a scene change in a user's video), not
+    play: a sprite changes a few pixels a step. The whole frame is then foreground, so one cut
+    frame can outweigh every sprite of a game in a pooled foreground error.
+    """
+    where = "clips_with_cuts"
+    x = _frames(clips, "clips", where, min_dims=5)
+    t = _threshold(threshold, where)
+    if not 0.0 <= float(fraction) <= 1.0:
+        raise TinyWorldsError(f"{where}: fraction must be in [0, 1], got {fraction}")
+    step = np.abs(np.diff(x.astype(np.int16), axis=1)).max(axis=-1) > t  # [B, T-1, H, W]
+    changed = step.mean(axis=(-2, -1))  # [B, T-1]: share of pixels each step changes
+    return (changed > fraction).any(axis=1)  # [B]
+
+
 def foreground_scores(prediction: Any, truth: Any, background: Any, threshold: float = 24) -> dict[str, np.ndarray]:
     """Error on the objects only: prediction, truth uint8 [..., H, W, C] -> per-item arrays [...].
 
