@@ -168,7 +168,7 @@ def held_out_clips(path: Path, split: SplitConfig, *, clip_len: int, frame_skip:
     pixels by more than `threshold`: a game reset, a scene change) are left out and counted.
     No model of play predicts a cut, and its frame, all foreground, would outweigh every
     sprite of the game in the pooled scores (one reset frame in Pong's 35 clips held 94% of
-    the tokenizer's foreground error)."""
+    the `large` tokenizer's foreground error)."""
     store = open_frame_store(path)
     span = (clip_len - 1) * frame_skip + 1
     starts = clip_starts(frame_labels(len(store), split), span, VAL, stride=span, segment=store.segment)
