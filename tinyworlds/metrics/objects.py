@@ -162,7 +162,8 @@ def _background(value: Any, frames: np.ndarray, frames_name: str, where: str) ->
 
 
 def _mask(frames: np.ndarray, background: np.ndarray, threshold: float) -> np.ndarray:
-    """Checked frames uint8 [..., H, W, C] against background [H, W, C] -> bool [..., H, W]."""
+    """Checked frames uint8 [..., H, W, C] against background [H, W, C] (or any reference that
+    broadcasts to the frames, such as the frames before) -> bool [..., H, W]."""
     difference = np.abs(frames.astype(np.int16) - background.astype(np.int16))  # [..., H, W, C]
     return difference.max(axis=-1) > threshold  # [..., H, W]
 
@@ -180,8 +181,7 @@ def clips_with_cuts(clips: Any, threshold: float = 24, fraction: float = 0.5) ->
     t = _threshold(threshold, where)
     if not 0.0 <= float(fraction) <= 1.0:
         raise TinyWorldsError(f"{where}: fraction must be in [0, 1], got {fraction}")
-    step = np.abs(np.diff(x.astype(np.int16), axis=1)).max(axis=-1) > t  # [B, T-1, H, W]
-    changed = step.mean(axis=(-2, -1))  # [B, T-1]: share of pixels each step changes
+    changed = _mask(x[:, 1:], x[:, :-1], t).mean(axis=(-2, -1))  # [B, T-1]: share of pixels each step changes
     return (changed > fraction).any(axis=1)  # [B]
 
 
