@@ -5,7 +5,7 @@ import torch
 from tests.conftest import fit
 from tinyworlds.core.errors import TinyWorldsError
 from tinyworlds.models import LatentActionConfig, LatentActionModel
-from tinyworlds.models.lam import mean_abs_correlation, standard_penalty, whiten_per_group
+from tinyworlds.models.lam import mean_abs_correlation, slowness, standard_penalty, whiten_per_group
 
 TINY = dict(frame_size=16, patch_size=4, embed_dim=32, num_heads=2, encoder_blocks=1, decoder_blocks=1,
             levels=(2, 2), max_frames=4)
@@ -67,6 +67,45 @@ def test_decoder_is_causal_and_reads_the_action():
     other = model.predict(frames, other_codes)
     assert torch.allclose(pred[:, 0], other[:, 0], atol=1e-6)
     assert not torch.allclose(pred[:, 1], other[:, 1], atol=1e-4)
+
+
+def test_a_frame_context_decoder_predicts_each_transition_from_its_own_frame():
+    model = tiny_lam(decoder_context="frame")
+    frames = moving_squares()[:, :3]
+    codes = model.fsq(model.latents(moving_squares()))  # [B, T-1, L]
+    pred = model.predict_next(frames, codes)  # [B, 3, C, H, W]
+    changed = frames.clone()
+    changed[:, 0] = 1.0
+    after = model.predict_next(changed, codes)
+    # Frame 0 reaches only the prediction of frame 1; the causal clip decoder passes it on.
+    assert torch.allclose(pred[:, 1:], after[:, 1:], atol=1e-6)
+    assert not torch.allclose(pred[:, 0], after[:, 0], atol=1e-4)
+    clip = tiny_lam(decoder_context="clip")
+    assert not torch.allclose(clip.predict_next(frames, codes)[:, 1:], clip.predict_next(changed, codes)[:, 1:], atol=1e-4)
+    # One transition alone is the same prediction as inside the clip.
+    assert torch.allclose(model.predict_next(frames[:, 1:2], codes[:, 1:2]), pred[:, 1:2], atol=1e-5)
+
+
+def test_slowness_is_zero_for_a_held_latent_and_one_for_a_forgetful_one():
+    g = torch.Generator().manual_seed(0)
+    held = torch.randn(512, 1, 2, generator=g).expand(512, 5, 2)  # [B, N, L]: the same in every transition
+    forgetful = torch.randn(512, 5, 2, generator=g)  # independent from one transition to the next
+    assert slowness(held).item() == pytest.approx(0.0, abs=1e-6)
+    assert slowness(forgetful).item() == pytest.approx(1.0, abs=0.05)
+    assert slowness(forgetful * 1e-4).item() == pytest.approx(slowness(forgetful).item(), rel=0.05)  # no escape by shrinking
+
+
+def test_persistence_weight_adds_the_latent_drift_to_the_loss():
+    frames = moving_squares(frames=4)
+    videos = torch.arange(8) % 2
+    losses = {}
+    for weight in (0.0, 2.0):
+        model = tiny_lam(decoder_context="frame", persistence_weight=weight)
+        losses[weight], metrics = model.loss(frames, videos)
+    assert metrics["latent_drift"] > 0
+    assert (losses[2.0] - losses[0.0]).item() == pytest.approx(2.0 * metrics["latent_drift"].item(), rel=1e-4)
+    losses[2.0].backward()
+    assert model.to_latent.weight.grad.abs().sum() > 0
 
 
 def test_masking_spares_the_anchor_frame():
@@ -216,6 +255,10 @@ def test_loss_backward_under_bf16_autocast():
         ({"pair_encoding": "both"}, "LatentActionConfig.pair_encoding='both': must be one of stacked, sequence"),
         ({"antisymmetric": True, "pair_encoding": "sequence"}, "LatentActionConfig.antisymmetric=True: needs pair_encoding: stacked"),
         ({"antisymmetric": "yes"}, "LatentActionConfig.antisymmetric='yes': must be true or false"),
+        ({"decoder_context": "past"}, "LatentActionConfig.decoder_context='past': must be one of clip, frame"),
+        ({"decoder_context": "frame", "mask_ratio": 0.5}, "LatentActionConfig.mask_ratio=0.5: needs decoder_context: clip"),
+        ({"persistence_weight": -1.0}, "LatentActionConfig.persistence_weight=-1.0: must be >= 0"),
+        ({"persistence_weight": 1.0, "max_frames": 2}, "LatentActionConfig.persistence_weight=1.0: needs clips of 3 frames"),
     ],
 )
 def test_config_errors_name_the_field(overrides, message):

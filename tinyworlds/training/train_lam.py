@@ -52,7 +52,7 @@ def train_lam(params: dict[str, Any], root: Path = Path(".")) -> dict[str, float
                 return
             frames = to_model(preview)  # [R, T, C, H, W]
             codes = model.fsq(model.latents(frames))  # [R, T-1, L]
-            predicted = model.predict(frames[:, :-1], codes)  # [R, T-1, C, H, W]: frames 1..T-1
+            predicted = model.predict_next(frames[:, :-1], codes)  # [R, T-1, C, H, W]: frames 1..T-1
             # Row pairs: the real clip, then frame 0 followed by the predicted next frames.
             rows = [r for truth, pred in zip(preview, to_uint8(predicted)) for r in (truth, torch.cat([truth[:1], pred]))]
             run.log_image(setup.image_grid(rows), f"predictions/step_{step:06d}.png")
