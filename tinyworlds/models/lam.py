@@ -177,7 +177,7 @@ class LatentActionConfig:
         check_number(self, "persistence_weight")
         check(self, "persistence_weight", self.persistence_weight >= 0, "must be >= 0")
         check(self, "persistence_weight", self.persistence_weight == 0 or self.max_frames >= 3,
-              f"needs clips of 3 frames or more (consecutive transitions), got {self.max_frames}")
+              f"needs clips of 3 frames or more (lam.train.clip_len), for consecutive transitions; got {self.max_frames}")
         check_number(self, "change_threshold")
         check(self, "change_threshold", self.change_threshold >= 0, "must be >= 0")
 
