@@ -95,15 +95,15 @@ def test_slowness_is_zero_for_a_held_latent_and_one_for_a_forgetful_one():
     assert slowness(forgetful * 1e-4).item() == pytest.approx(slowness(forgetful).item(), rel=0.05)  # no escape by shrinking
 
 
-def test_persistence_weight_adds_the_latent_drift_to_the_loss():
+def test_persistence_weight_adds_the_latent_slowness_to_the_loss():
     frames = moving_squares(frames=4)
     videos = torch.arange(8) % 2
     losses = {}
     for weight in (0.0, 2.0):
         model = tiny_lam(decoder_context="frame", persistence_weight=weight)
         losses[weight], metrics = model.loss(frames, videos)
-    assert metrics["latent_drift"] > 0
-    assert (losses[2.0] - losses[0.0]).item() == pytest.approx(2.0 * metrics["latent_drift"].item(), rel=1e-4)
+    assert metrics["latent_slowness"] > 0
+    assert (losses[2.0] - losses[0.0]).item() == pytest.approx(2.0 * metrics["latent_slowness"].item(), rel=1e-4)
     losses[2.0].backward()
     assert model.to_latent.weight.grad.abs().sum() > 0
 

@@ -267,15 +267,16 @@ class LatentActionModel(nn.Module):
         return self.fsq.codes_to_ids(self.fsq(self.latents(frames)))
 
     def loss(self, frames: Tensor, videos: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
-        """Next-frame MSE + standardize_weight * the penalty that makes each video's raw latent standard.
+        """Next-frame MSE + standardize_weight * the penalty that makes each video's raw latent
+        standard + persistence_weight * the whitened latent's slowness over consecutive transitions.
 
         `videos` [B]: which video each clip comes from (the latents are whitened per video, see
         the module docstring); None: all clips are one video.
         Metrics (detached): recon_mse, standardize_penalty, latent_std (mean per-dim std of the
         raw latent within a video), latent_correlation (mean |correlation| between two
         dimensions of the raw latent within a video: 1 when they copy one feature),
-        action_perplexity, and action_usage [A]: the fraction of the batch's transitions given
-        each action.
+        latent_slowness (`slowness`; 0 on clips of 2), action_perplexity, and action_usage [A]:
+        the fraction of the batch's transitions given each action.
         """
         b, t = frames.shape[:2]
         if t < 2:
@@ -291,14 +292,14 @@ class LatentActionModel(nn.Module):
         penalty = standard_penalty(mean, factor)
         loss = recon + self.config.standardize_weight * penalty
         steps = rearrange(white, "(b t) l -> b t l", b=b)  # [B, T-1, L]
-        drift = slowness(steps) if t > 2 else white.new_zeros(())
+        slow = slowness(steps) if t > 2 else white.new_zeros(())
         if self.config.persistence_weight > 0:
-            loss = loss + self.config.persistence_weight * drift
+            loss = loss + self.config.persistence_weight * slow
         usage = id_usage(self.fsq.codes_to_ids(codes.detach()), self.num_actions)  # [A]
         metrics = {
             "recon_mse": error.detach().mean(),
             "standardize_penalty": penalty.detach(),
-            "latent_drift": drift.detach(),
+            "latent_slowness": slow.detach(),
             "latent_std": torch.diagonal(cov.detach(), dim1=-2, dim2=-1).sqrt().mean(),
             "latent_correlation": mean_abs_correlation(cov.detach()),
             "action_perplexity": perplexity(usage),
@@ -317,6 +318,7 @@ class LatentActionModel(nn.Module):
 
 
 EPS = 1e-5  # variance floor of a whitened group
+SLOWNESS_FLOOR = 1e-12  # of the spread in `slowness`: far below EPS, see there
 
 
 def whiten_per_group(z: Tensor, groups: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -368,7 +370,7 @@ def slowness(latent: Tensor) -> Tensor:
     latent (which the standardize penalty forbids) escapes."""
     change = (latent[:, 1:] - latent[:, :-1]).square().mean(dim=(0, 1))  # [L]
     spread = latent.square().mean(dim=(0, 1))  # [L]
-    return (change / (2 * spread + 1e-12)).mean()
+    return (change / (2 * spread + SLOWNESS_FLOOR)).mean()
 
 
 def mean_abs_correlation(cov: Tensor) -> Tensor:
