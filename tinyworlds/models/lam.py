@@ -284,15 +284,15 @@ class LatentActionModel(nn.Module):
         z = rearrange(self.latents(frames), "b t l -> (b t) l").float()  # [B*(T-1), L]
         groups = torch.zeros(b, dtype=torch.long, device=frames.device) if videos is None else videos.long()
         white, mean, cov, factor = whiten_per_group(z, groups.repeat_interleave(t - 1))  # [B*(T-1), L], [G, L], [G, L, L] x2
-        codes = self.fsq(rearrange(white, "(b t) l -> b t l", b=b))  # [B, T-1, L]
+        white_steps = rearrange(white, "(b t) l -> b t l", b=b)  # [B, T-1, L]
+        codes = self.fsq(white_steps)  # [B, T-1, L]
         pred = self.predict_next(frames[:, :-1], codes, mask_ratio=self.config.mask_ratio)  # [B, T-1, C, H, W]
         error = (pred.float() - frames[:, 1:].float()) ** 2  # [B, T-1, C, H, W]
         weights = self.change_weights(frames.float())  # [B, T-1, 1, H, W]
         recon = (error * weights).mean()  # a plain mean, so each process's slice averages exactly
         penalty = standard_penalty(mean, factor)
         loss = recon + self.config.standardize_weight * penalty
-        steps = rearrange(white, "(b t) l -> b t l", b=b)  # [B, T-1, L]
-        slow = slowness(steps) if t > 2 else white.new_zeros(())
+        slow = slowness(white_steps) if t > 2 else white.new_zeros(())
         if self.config.persistence_weight > 0:
             loss = loss + self.config.persistence_weight * slow
         usage = id_usage(self.fsq.codes_to_ids(codes.detach()), self.num_actions)  # [A]
