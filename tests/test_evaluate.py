@@ -264,6 +264,8 @@ def test_bad_settings_are_one_line_errors(project):
         EvaluateConfig.from_params({"evaluate": {"horizons": 4}})
     with pytest.raises(TinyWorldsError, match="past horizon"):
         EvaluateConfig(horizon=2, delta_psnr_horizon=4)
+    with pytest.raises(TinyWorldsError, match=r"evaluate.carry_unchanged='yes' must be true or false"):
+        EvaluateConfig(carry_unchanged="yes")
     with pytest.raises(TinyWorldsError, match="no validation clip of 60 frames"):
         held_out_clips(Layout(project).frames("pong"), SplitConfig(**PARAMS["data"]["split"]),
                        clip_len=60, frame_skip=1, max_clips=3)

@@ -125,8 +125,10 @@ def test_api_reset_step_and_errors(server):
     assert call(server + "api/nothing")[0] == 404
 
 
-def test_session_steps_match_one_rollout(tmp_path):
-    """Frame-by-frame play keeps the tokens, so it makes what one greedy rollout makes, past the window too."""
+@pytest.mark.parametrize("carry", [True, False])
+def test_session_steps_match_one_rollout(tmp_path, carry):
+    """Frame-by-frame play keeps the tokens (and the pixels on screen), so it makes what one
+    greedy rollout makes, past the window too, patches carried or redrawn."""
     from einops import rearrange
 
     from tinyworlds.apps.play import PlaySession
@@ -137,7 +139,7 @@ def test_session_steps_match_one_rollout(tmp_path):
     world = WorldModel.load(root / "data" / "models", "cpu")
     start = start_from_dataset(root / "data" / "frames" / "pong.zarr", size=SIZE, channels=3, context=3, index=4)
     actions = [2, 0, 3, 3, 1, 2]
-    greedy = GenerationSettings(temperature=0.0)
+    greedy = GenerationSettings(temperature=0.0, carry_unchanged=carry)
     session = PlaySession(world, start, greedy)
     played = np.stack([session.step(a) for a in actions])  # [N, H, W, C]
     context = rearrange(torch.from_numpy(start.context), "t h w c -> 1 t c h w")

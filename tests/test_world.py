@@ -95,3 +95,39 @@ def test_world_reads_the_action_names_saved_beside_the_lam(tmp_path):
         json.dumps({"usage": [0.5, 0.0, 0.5] + [0.0] * (NUM_ACTIONS - 3), "datasets": {"breakout": names}}))
     labels = WorldModel.load(tmp_path / "models", device="cpu").action_labels()
     assert labels[:3] == ["LEFT (breakout)", "unused", "RIGHT (breakout)"]
+
+
+def test_unchanged_patches_keep_the_pixels_shown_before():
+    from tinyworlds.inference.world import carry_unchanged_patches
+
+    generator = torch.Generator().manual_seed(0)
+    decoded = torch.randint(0, 256, (1, 2, 3, 4, 4), dtype=torch.uint8, generator=generator)  # 2x2 patches of 2 px
+    shown = torch.zeros(1, 3, 4, 4, dtype=torch.uint8)
+    shown_tokens = torch.tensor([[5, 6, 7, 8]])
+    tokens = torch.tensor([[[5, 0, 7, 0],     # patches 0 and 2 (top left, bottom left) kept from the real frame
+                            [5, 1, 9, 0]]])   # patch 0 still kept, patch 3 kept from frame 0's redrawn pixels
+    frames = carry_unchanged_patches(decoded, tokens, shown, shown_tokens, patch_size=2)
+    assert frames.shape == decoded.shape
+    first, second = frames[0, 0], frames[0, 1]
+    assert (first[:, :, :2] == 0).all()  # left column of patches: the real frame's
+    assert torch.equal(first[:, :, 2:], decoded[0, 0, :, :, 2:])  # right column: redrawn
+    assert (second[:, :2, :2] == 0).all()
+    assert torch.equal(second[:, 2:, 2:], decoded[0, 0, :, 2:, 2:])  # carried from frame 0, which redrew it
+    assert torch.equal(second[:, :2, 2:], decoded[0, 1, :, :2, 2:])  # token 0 -> 1: redrawn
+    assert torch.equal(second[:, 2:, :2], decoded[0, 1, :, 2:, :2])  # token 7 -> 9: redrawn
+
+
+def test_rollout_redraws_only_the_patches_whose_token_changed(world):
+    context, actions = clip(3), torch.tensor([[0, 1, 2, 3]])
+    carried = world.rollout(context, actions, settings=GenerationSettings(temperature=0.0))
+    redrawn = world.rollout(context, actions, settings=GenerationSettings(temperature=0.0, carry_unchanged=False))
+    assert not torch.equal(carried, redrawn)  # the tiny model's 16 tokens: some are kept
+    size = world.tokenizer.config.patch_size
+    before = context[0, -1]
+    for n in range(actions.shape[1]):
+        for top in range(0, SIZE, size):
+            for left in range(0, SIZE, size):
+                patch = carried[0, n, :, top : top + size, left : left + size]
+                assert (torch.equal(patch, redrawn[0, n, :, top : top + size, left : left + size])
+                        or torch.equal(patch, before[:, top : top + size, left : left + size]))
+        before = carried[0, n]

@@ -179,6 +179,7 @@ def dream(
     steps: Annotated[int, typer.Option(help="MaskGIT unmasking steps per frame.")] = 8,
     schedule: Annotated[str, typer.Option(help="Unmasking schedule: cosine, exponential or linear.")] = "cosine",
     temperature: Annotated[float, typer.Option(help="Sampling temperature; 0 is greedy.")] = 1.0,
+    redraw: Annotated[bool, typer.Option("--redraw", help="Redraw every patch with the decoder, even those whose token is kept (default: they keep their pixels).")] = False,
     seed: Annotated[Optional[int], typer.Option(help="Seed of the sampling, random actions and random start (default: new).")] = None,
     models: Annotated[Optional[Path], typer.Option(help="Directory with tokenizer/, lam/ and dynamics/ (default data/models).")] = None,
     run: Annotated[Optional[str], typer.Option(help="Use the models of this MLflow run (id or unique prefix), fetched from the tracking store.")] = None,
@@ -201,7 +202,8 @@ def dream(
         StartRequest(dataset=dataset, index=index, video=video, image=image, context=context, fps=fps,
                      crop=parse_crop(crop), fit=fit),
         ActionRequest(actions=actions, random_actions=random_actions, replay=replay),
-        GenerationSettings(steps=steps, schedule=schedule, temperature=temperature, seed=seed),
+        GenerationSettings(steps=steps, schedule=schedule, temperature=temperature, seed=seed,
+                           carry_unchanged=not redraw),
         DreamOutput(out=out, scale=scale, compare=compare, log=log),
         frames=frames, batch=batch, models=models_dir(models, run), device=device, threads=threads,
         say=lambda line: typer.echo(line, err=True),
@@ -224,6 +226,7 @@ def play(
     steps: Annotated[int, typer.Option(help="MaskGIT unmasking steps per frame.")] = 8,
     schedule: Annotated[str, typer.Option(help="Unmasking schedule: cosine, exponential or linear.")] = "cosine",
     temperature: Annotated[float, typer.Option(help="Sampling temperature; 0 is greedy.")] = 1.0,
+    redraw: Annotated[bool, typer.Option("--redraw", help="Redraw every patch with the decoder, even those whose token is kept (default: they keep their pixels).")] = False,
     seed: Annotated[int, typer.Option(help="Seed of the starts and of the sampling.")] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
     threads: Annotated[str, typer.Option(help="CPU threads: auto (the cores other processes leave idle) or a number.")] = "auto",
@@ -236,7 +239,8 @@ def play(
     serve(
         models=models_dir(models, run), device=device, threads=threads, keys=keys,
         start=StartRequest(dataset=dataset, index=index, image=image, context=context),
-        settings=GenerationSettings(steps=steps, schedule=schedule, temperature=temperature, seed=seed),
+        settings=GenerationSettings(steps=steps, schedule=schedule, temperature=temperature, seed=seed,
+                           carry_unchanged=not redraw),
         host=host, port=port, say=lambda line: typer.echo(line, err=True),
     )
 

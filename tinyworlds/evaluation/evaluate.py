@@ -91,6 +91,7 @@ class EvaluateConfig:
     steps: int = 8
     schedule: str = "cosine"
     temperature: float = 0.0
+    carry_unchanged: bool = True  # rollouts keep the pixels of patches whose token they keep (inference/world.py)
     seed: int = 0
     batch_size: int = 64
     throughput_reps: int = 3
@@ -116,6 +117,8 @@ class EvaluateConfig:
                                               or not isinstance(self.cut_fraction, (int, float))
                                               or not 0 < self.cut_fraction <= 1):
             raise TinyWorldsError(f"params.yaml: evaluate.cut_fraction={self.cut_fraction!r} must be null or in (0, 1]")
+        if not isinstance(self.carry_unchanged, bool):
+            raise TinyWorldsError(f"params.yaml: evaluate.carry_unchanged={self.carry_unchanged!r} must be true or false")
         if self.delta_psnr_horizon > self.horizon:
             raise TinyWorldsError(
                 f"params.yaml: evaluate.delta_psnr_horizon={self.delta_psnr_horizon} is past horizon={self.horizon}"
@@ -567,7 +570,7 @@ def evaluate(params: dict[str, Any], root: Path = Path(".")) -> dict[str, Any]:
     world = WorldModel.load(layout.model("tokenizer").parent, device=str(params.get("train", {}).get("device", "auto")))
     context = config.context_frames or world.context_frames - 1
     settings = GenerationSettings(steps=config.steps, schedule=config.schedule, temperature=config.temperature,
-                                  seed=config.seed)
+                                  seed=config.seed, carry_unchanged=config.carry_unchanged)
     device_text = device_description(world.device)
     run_config = {
         "evaluate": {**asdict(config), "context_frames": context},

@@ -3,6 +3,16 @@
 Everything downstream of training (evaluation, `tinyworlds dream`, `tinyworlds play`) goes
 through `WorldModel`: frames in and frames out as uint8 [B, T, C, H, W], tokens and action
 ids in between.
+
+Rendering: a generated frame is drawn from its tokens by the tokenizer's decoder, except that a
+patch whose token the dynamics model kept from the frame before keeps that frame's pixels
+(`GenerationSettings.carry_unchanged`; the first new frame carries from the real last
+context frame). The decoder redraws even an unchanged patch at its own loss: on Space
+Invaders' held-out clips the last real frame's tokens, decoded, score 21.4 dB on the objects
+at horizon 1 where the real frame itself scores 25.0 (0.3.6's default), so a rollout that
+predicted "nothing changes" perfectly still lost to copying the frame. Carried, the kept
+patches are exact and only the patches the model changes are redrawn, as a video codec
+skips unchanged blocks.
 """
 
 from __future__ import annotations
@@ -12,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from einops import rearrange
+from einops import rearrange, repeat
 
 from tinyworlds.core.device import pick_device
 from tinyworlds.core.errors import TinyWorldsError
@@ -30,6 +40,7 @@ class GenerationSettings:
     schedule: str = "cosine"  # cosine | exponential | linear
     temperature: float = 1.0  # 0 = greedy
     seed: int | None = 0  # None only before `dream` draws a fresh one
+    carry_unchanged: bool = True  # a patch whose token is kept keeps its pixels (module docstring)
 
 
 class WorldModel:
@@ -175,5 +186,23 @@ class WorldModel:
             context_actions=None if context_actions is None else context_actions.to(self.device).long(),
             steps=settings.steps, schedule=settings.schedule, temperature=settings.temperature, seed=settings.seed,
         )  # [B, N, P]
-        frames = self.decode(torch.cat([context_tokens, new_tokens], dim=1))  # [B, T+N, C, H, W]
-        return frames[:, context.shape[1]:]
+        frames = self.decode(torch.cat([context_tokens, new_tokens], dim=1))[:, context.shape[1]:]  # [B, N, C, H, W]
+        if not settings.carry_unchanged:
+            return frames
+        return carry_unchanged_patches(frames, new_tokens, context[:, -1].to(self.device), context_tokens[:, -1],
+                                       self.tokenizer.config.patch_size)
+
+
+def carry_unchanged_patches(decoded: torch.Tensor, tokens: torch.Tensor, shown: torch.Tensor, shown_tokens: torch.Tensor,
+                            patch_size: int) -> torch.Tensor:
+    """New frames as decoded, uint8 [B, N, C, H, W], their tokens [B, N, P], and the frame on
+    screen before them [B, C, H, W] with its tokens [B, P] -> the frames to show [B, N, C, H, W]:
+    frame by frame, each patch whose token equals the frame before's keeps that frame's shown pixels."""
+    grid = decoded.shape[-1] // patch_size
+    frames = []
+    for n in range(tokens.shape[1]):
+        kept = repeat(tokens[:, n] == shown_tokens, "b (hp wp) -> b 1 (hp s1) (wp s2)",
+                      hp=grid, s1=patch_size, s2=patch_size)  # [B, 1, H, W]
+        shown, shown_tokens = torch.where(kept, shown, decoded[:, n]), tokens[:, n]  # [B, C, H, W], [B, P]
+        frames.append(shown)
+    return torch.stack(frames, dim=1)  # [B, N, C, H, W]

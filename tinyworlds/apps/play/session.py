@@ -3,7 +3,8 @@
 A session keeps the tokens of the latest frames and the actions between them, as the
 dynamics model sees them: each new frame is generated from that window and appended as
 tokens (never decoded and re-encoded, so the tokenizer's error does not pile up), and
-only the frame on screen is decoded.
+only the frame on screen is decoded; patches whose token is kept keep the pixels on screen
+(`GenerationSettings.carry_unchanged`, see tinyworlds/inference/world.py).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from einops import rearrange
 
 from tinyworlds.apps.start import Start
 from tinyworlds.core.errors import ParameterError, TinyWorldsError
-from tinyworlds.inference.world import GenerationSettings, WorldModel
+from tinyworlds.inference.world import GenerationSettings, WorldModel, carry_unchanged_patches
 
 # Arrow keys and WASD stand for one direction each; `--keys up=3,...` says which action that is.
 DIRECTIONS = {"up": ("ArrowUp", "w"), "down": ("ArrowDown", "s"), "left": ("ArrowLeft", "a"), "right": ("ArrowRight", "d")}
@@ -92,10 +93,14 @@ class PlaySession:
             self.tokens, chosen, context_actions=self.actions,
             steps=s.steps, schedule=s.schedule, temperature=s.temperature, seed=s.seed + self.count,
         )  # [1, 1, P]
+        shown_tokens = self.tokens[:, -1]  # [1, P]: of the frame on screen
         self.tokens = torch.cat([self.tokens, new], dim=1)[:, -self.keep:]  # [1, K, P]
         self.actions = torch.cat([self.actions, chosen], dim=1)[:, -(self.keep - 1):]  # [1, K-1]
         window = world.tokenizer.config.max_frames
-        frame = world.decode(self.tokens[:, -window:])[0, -1]  # [C, H, W]
-        self.frame = rearrange(frame.cpu().numpy(), "c h w -> h w c")
+        frame = world.decode(self.tokens[:, -window:])[:, -1:]  # [1, 1, C, H, W]
+        if s.carry_unchanged:
+            shown = rearrange(torch.from_numpy(self.frame), "h w c -> 1 c h w").to(frame.device)  # [1, C, H, W]
+            frame = carry_unchanged_patches(frame, new, shown, shown_tokens, world.tokenizer.config.patch_size)
+        self.frame = rearrange(frame[0, 0].cpu().numpy(), "c h w -> h w c")
         self.count += 1
         return self.frame
