@@ -240,7 +240,7 @@ def play(
         models=models_dir(models, run), device=device, threads=threads, keys=keys,
         start=StartRequest(dataset=dataset, index=index, image=image, context=context),
         settings=GenerationSettings(steps=steps, schedule=schedule, temperature=temperature, seed=seed,
-                           carry_unchanged=not redraw),
+                                    carry_unchanged=not redraw),
         host=host, port=port, say=lambda line: typer.echo(line, err=True),
     )
 

@@ -12,7 +12,9 @@ and k more, from the validation split every training stage held out):
     dynamics   per horizon 1..k, foreground and pixel PSNR of the rollout (the LAM's ids), the
                same rollout with random ids drawn as often as the LAM uses them, copying the
                last real frame (the floor), copying its tokens, and the tokenizer's
-               reconstruction of the truth (the ceiling); foreground ΔtPSNR with its interval
+               reconstruction of the truth (the ceiling); foreground ΔtPSNR with its interval.
+               Rollouts are drawn as `play` draws them (`evaluate.carry_unchanged`): a patch
+               whose token the model keeps keeps its pixels, so "nothing moves" scores the floor
     headline   the few figures the README's table and the project's goals read
     throughput generated frames/s at batch 1 and 8 on the device used
 

@@ -12,7 +12,9 @@ Invaders' held-out clips the last real frame's tokens, decoded, score 21.4 dB on
 at horizon 1 where the real frame itself scores 25.0 (0.3.6's default), so a rollout that
 predicted "nothing changes" perfectly still lost to copying the frame. Carried, the kept
 patches are exact and only the patches the model changes are redrawn, as a video codec
-skips unchanged blocks.
+skips unchanged blocks. What the tokenizer does not see, the carry cannot move: a sprite
+missing from the tokens (the default tokenizer's Breakout ball) leaves its patch with the
+background's token, so it stays where the real frame had it; redrawn, it would vanish.
 """
 
 from __future__ import annotations
