@@ -231,6 +231,7 @@ def test_bad_inputs_are_one_line(project):
         (["--dataset", "pong", "--replay", "--actions", "1"], "--actions and --replay: choose one"),
         (["--dataset", "pong", "--schedule", "square"], "--schedule 'square': must be one of"),
         (["--dataset", "pong", "--frames", "0"], "--frames 0: must be at least 1"),
+        (["--dataset", "pong", "--keep-bias", "more"], "--keep-bias 'more': expected auto or a number"),
         (["--dataset", "pong", "--out", "still.png"], "--out still.png: exists and is not a directory"),
         (["--dataset", "pong", "--device", "gpu9"], "not a device name"),
         (["--dataset", "pong", "--threads", "0"], "threads='0': must be auto or a whole number >= 1"),

@@ -391,6 +391,24 @@ def test_a_confident_copy_logit_generates_the_frame_before():
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_keep_bias_tilts_generation_towards_the_frame_before(temperature):
+    model = tiny_dynamics(change_weight=4)
+    assert model.calibrated_keep_bias() == pytest.approx(math.log(4))
+    context, context_actions = random_clip(batch=3, frames=2, seed=2)
+    actions = torch.randint(0, A, (3, 3), generator=torch.Generator().manual_seed(3))
+    kwargs = dict(context_actions=context_actions, steps=4, temperature=temperature, seed=1)
+
+    def kept(keep_bias):  # patches whose token equals the frame before's, over 3 frames
+        new = model.generate(context, actions, keep_bias=keep_bias, **kwargs)  # [B, N, P]
+        return int((new == torch.cat([context[:, -1:], new[:, :-1]], dim=1)).sum())
+
+    as_trained, calibrated, certain = kept(0.0), kept(model.calibrated_keep_bias()), kept(60.0)
+    assert as_trained < calibrated < certain == 3 * 3 * P
+    cached = model.generate(context, actions, keep_bias=1.5, **kwargs)
+    assert torch.equal(cached, model.generate(context, actions, keep_bias=1.5, use_cache=False, **kwargs))
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
 def test_cached_generation_with_the_copy_logit_equals_the_uncached_reference(temperature):
     model = with_copy_bias(tiny_dynamics(copy_logit=True, num_blocks=3), 1.5)
     context, context_actions = random_clip(batch=3, frames=2, seed=6)

@@ -27,7 +27,7 @@ from tinyworlds.evaluation.evaluate import (
     flatten,
     held_out_clips,
 )
-from tinyworlds.inference.world import GenerationSettings, WorldModel
+from tinyworlds.inference.world import GenerationSettings, WorldModel, carry_unchanged_patches
 from tinyworlds.metrics import objects as O
 from tinyworlds.models import TokenizerConfig, VideoTokenizer
 from tinyworlds.models.checkpoint import save_model
@@ -126,6 +126,7 @@ def test_writes_every_metric_finite_to_the_json(project, evaluated):
             for horizon in ("h1", "h3"):
                 assert math.isfinite(flat[f"dynamics.{condition}.psnr.{horizon}"]), (name, condition, horizon)
         assert 0 < flat["tokenizer.codebook_used"] <= 1 and -1 <= flat["tokenizer.ssim"] <= 1
+        assert 0 <= flat["tokenizer.still_token_changes"] <= 1
     pong = written["pong"]["tokenizer"]
     assert pong["fg_recall_low"] <= pong["fg_recall"] <= pong["fg_recall_high"]
     # A square that never moves is background: nothing to recall, and whatever the untrained
@@ -223,9 +224,17 @@ def test_rollout_and_baselines_line_up_with_the_truth(project):
                                          GenerationSettings(steps=2, temperature=0.0))
     assert (out["random_ids"] == 1).all()  # drawn only from the ids the LAM uses
     assert {(r["condition"], r["horizon"]) for r in rows} == {(c, h) for c in CONDITIONS for h in (1, 2, 3)}
-    ceiling = scores["tokenizer_ceiling"]["psnr"]["h2"]
-    expected = 10 * math.log10(255**2 / float(((recon[:, 4].double() - held.frames[:, 4].double()) ** 2).mean()))
-    assert ceiling == pytest.approx(expected)
+    def psnr_h2(frames):  # [B, 3, C, H, W] after the 3 context frames, against the real frame 4
+        return 10 * math.log10(255**2 / float(((frames[:, 1].double() - held.frames[:, 4].double()) ** 2).mean()))
+
+    # The ceiling is the true tokens drawn as the rollout is: carried from the last real frame.
+    carried = carry_unchanged_patches(recon[:, 3:], tokens[:, 3:], held.frames[:, 2], tokens[:, 2],
+                                      world.tokenizer.config.patch_size)
+    assert not torch.equal(carried, recon[:, 3:])
+    assert scores["tokenizer_ceiling"]["psnr"]["h2"] == pytest.approx(psnr_h2(carried))
+    redrawn, _, _ = dynamics_metrics(world, "pong", held, tokens, recon, only_action_1, config, 3,
+                                     GenerationSettings(steps=2, temperature=0.0, carry_unchanged=False))
+    assert redrawn["tokenizer_ceiling"]["psnr"]["h2"] == pytest.approx(psnr_h2(recon[:, 3:]))
     copied = world.decode(torch.cat([tokens[:, :3], tokens[:, 2:3].expand(-1, 3, -1)], dim=1))[:, 3:]
     assert torch.equal(out["frames"]["copy_tokens"], copied)
     assert scores["delta_fg_psnr_low"] <= scores["delta_fg_psnr"] <= scores["delta_fg_psnr_high"]
@@ -266,6 +275,8 @@ def test_bad_settings_are_one_line_errors(project):
         EvaluateConfig(horizon=2, delta_psnr_horizon=4)
     with pytest.raises(TinyWorldsError, match=r"evaluate.carry_unchanged='yes' must be true or false"):
         EvaluateConfig(carry_unchanged="yes")
+    with pytest.raises(TinyWorldsError, match=r"evaluate.keep_bias='high': must be auto or a number"):
+        EvaluateConfig(keep_bias="high")
     with pytest.raises(TinyWorldsError, match="no validation clip of 60 frames"):
         held_out_clips(Layout(project).frames("pong"), SplitConfig(**PARAMS["data"]["split"]),
                        clip_len=60, frame_skip=1, max_clips=3)

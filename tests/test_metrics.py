@@ -105,6 +105,22 @@ def test_copy_last_frame_repeats_the_last_context_frame():
 # -- labels ------------------------------------------------------------------------------------
 
 
+def test_still_token_changes_counts_token_changes_where_no_pixel_moves():
+    frames = torch.zeros(1, 3, 3, 8, 8, dtype=torch.uint8)  # [B, T, C, H, W]: 4 patches of 4x4
+    frames[0, 1:, :, :4, :4] = 200  # patch 0 changes at t = 1, then stays
+    frames[0, 2, :, 4:, 4:] = M.STILL_TOLERANCE  # patch 3 moves by compression noise at t = 2
+    tokens = torch.zeros(1, 3, 4, dtype=torch.long)  # [B, T, P]
+    tokens[0, 1:, 0] = 5  # follows the real change
+    assert M.still_token_changes(frames, tokens, patch_size=4) == 0.0
+    tokens[0, 2, 1] = tokens[0, 2, 3] = 7  # flicker in patches 1 and 3 at t = 2
+    # Still: patches 1-3 at t = 0 -> 1 and all four at t = 1 -> 2 (patch 3 within the tolerance).
+    assert M.still_token_changes(frames, tokens, patch_size=4) == pytest.approx(2 / 7)
+    assert M.still_token_changes(frames, tokens, patch_size=4, tolerance=M.STILL_TOLERANCE - 1) == pytest.approx(1 / 6)
+    flashing = torch.zeros(1, 2, 3, 8, 8, dtype=torch.uint8)
+    flashing[0, 1] = 255
+    assert math.isnan(M.still_token_changes(flashing, tokens[:, :2], patch_size=4))
+
+
 def test_entropy_and_label_fractions():
     fractions = M.label_fractions(torch.tensor([0, 1, 2, 3, 0, 1, 2, 3]), 6)
     assert fractions.tolist() == [0.25, 0.25, 0.25, 0.25, 0.0, 0.0]

@@ -21,8 +21,9 @@ def blocky_frames(batch=4, frames=4, seed=0) -> torch.Tensor:
     return coarse.repeat_interleave(4, dim=-1).repeat_interleave(4, dim=-2)
 
 
-def test_encode_decode_shapes_and_ids():
-    model = tiny_tokenizer()
+@pytest.mark.parametrize("encoder_context", ["frame", "patch"])
+def test_encode_decode_shapes_and_ids(encoder_context):
+    model = tiny_tokenizer(encoder_context=encoder_context)
     frames = blocky_frames()
     assert model.vocab_size == 125 and model.num_patches == 16
     tokens = model.encode(frames)
@@ -34,8 +35,9 @@ def test_encode_decode_shapes_and_ids():
     assert torch.allclose(model.decode(tokens), recon, atol=1e-5)
 
 
-def test_tokens_and_decoding_are_causal_in_time():
-    model = tiny_tokenizer()
+@pytest.mark.parametrize("encoder_context", ["frame", "patch"])
+def test_tokens_and_decoding_are_causal_in_time(encoder_context):
+    model = tiny_tokenizer(encoder_context=encoder_context)
     frames = blocky_frames()
     changed = frames.clone()
     changed[:, 2] = -changed[:, 2]
@@ -49,10 +51,11 @@ def test_tokens_and_decoding_are_causal_in_time():
     assert torch.allclose(model.decode(tokens)[:, :3], model.decode(other)[:, :3], atol=1e-6)
 
 
-def test_a_frames_tokens_depend_on_that_frame_alone():
+@pytest.mark.parametrize("encoder_context", ["frame", "patch"])
+def test_a_frames_tokens_depend_on_that_frame_alone(encoder_context):
     """What makes the per-frame token cache exact: neither the other frames of the clip nor
     the frame's position in it change its tokens."""
-    model = tiny_tokenizer()
+    model = tiny_tokenizer(encoder_context=encoder_context)
     frames = blocky_frames()  # [B, T, C, H, W]
     changed = frames.clone()
     changed[:, 1] = -changed[:, 1]
@@ -61,8 +64,33 @@ def test_a_frames_tokens_depend_on_that_frame_alone():
     assert torch.equal(model.encode(frames), one_at_a_time)
 
 
-def test_overfits_a_fixed_batch():
+def test_patch_context_tokens_depend_on_the_patchs_own_pixels_alone():
+    """encoder_context: patch: a patch whose pixels stay keeps its token whatever its neighbours
+    do, and the same pixels get the same token at any place (what lets a rollout carry them)."""
+    model = tiny_tokenizer(encoder_context="patch")
+    frames = blocky_frames()  # [B, T, C, H, W], 4x4 patches
+    changed = frames.clone()
+    changed[..., :4, :4] = -changed[..., :4, :4]  # the top-left patch of every frame
+    moved = model.encode(frames) != model.encode(changed)  # [B, T, P]
+    assert moved[..., 1:].sum() == 0 and moved[..., 0].any()
+    copied = frames.clone()
+    copied[..., 12:, 12:] = frames[..., :4, :4]  # the top-left patch also at the bottom right
+    tokens = model.encode(copied)
+    assert torch.equal(tokens[..., -1], tokens[..., 0])
+
+
+def test_frame_context_tokens_see_their_neighbours():
+    """The default encoder attends over the frame: a neighbour's change can move a still patch's latent."""
     model = tiny_tokenizer()
+    frames = blocky_frames()
+    changed = frames.clone()
+    changed[..., :4, :4] = -changed[..., :4, :4]
+    assert not torch.allclose(model.latents(frames)[..., 1:, :], model.latents(changed)[..., 1:, :], atol=1e-4)
+
+
+@pytest.mark.parametrize("encoder_context", ["frame", "patch"])
+def test_overfits_a_fixed_batch(encoder_context):
+    model = tiny_tokenizer(encoder_context=encoder_context)
     frames = blocky_frames()
     first, _ = model.loss(frames)
     _, metrics = fit(model, lambda: model.loss(frames), steps=150)
@@ -92,6 +120,7 @@ def test_loss_backward_under_bf16_autocast():
         ({"num_heads": 3}, "TokenizerConfig.num_heads=3: embed_dim 32 is not divisible by it"),
         ({"encoder_blocks": 0}, "TokenizerConfig.encoder_blocks=0: must be >= 1"),
         ({"frame_size": 16.0}, "TokenizerConfig.frame_size=16.0: must be a whole number"),
+        ({"encoder_context": "clip"}, "TokenizerConfig.encoder_context='clip': must be one of ('frame', 'patch')"),
     ],
 )
 def test_config_errors_name_the_field(overrides, message):

@@ -117,6 +117,18 @@ def test_unchanged_patches_keep_the_pixels_shown_before():
     assert torch.equal(second[:, 2:, :2], decoded[0, 1, :, 2:, :2])  # token 7 -> 9: redrawn
 
 
+def test_keep_bias_auto_is_the_dynamics_models_calibrated_value(world):
+    from tinyworlds.inference.world import resolve_keep_bias
+
+    assert world.keep_bias(GenerationSettings()) == world.dynamics.calibrated_keep_bias()
+    assert world.keep_bias(GenerationSettings(keep_bias=0)) == 0.0
+    context, actions = clip(3), torch.tensor([[0, 1, 2, 3]])
+    certain = world.rollout(context, actions, settings=GenerationSettings(temperature=0.0, keep_bias=60.0))
+    assert all(torch.equal(certain[0, n], context[0, -1]) for n in range(4))  # every patch kept: the last frame
+    with pytest.raises(TinyWorldsError, match=r"keep_bias=nan: must be auto or a number"):
+        resolve_keep_bias(float("nan"), world.dynamics)
+
+
 def test_rollout_redraws_only_the_patches_whose_token_changed(world):
     context, actions = clip(3), torch.tensor([[0, 1, 2, 3]])
     carried = world.rollout(context, actions, settings=GenerationSettings(temperature=0.0))

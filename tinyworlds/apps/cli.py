@@ -8,6 +8,7 @@ line with exit status 1 and no traceback.
 from __future__ import annotations
 
 import functools
+import math
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -71,6 +72,19 @@ def parse_crop(text: str | None) -> tuple[int, int, int, int] | None:
     if x < 0 or y < 0 or w <= 0 or h <= 0:
         raise TinyWorldsError(f"--crop {text!r}: X and Y must be >= 0 and W, H > 0")
     return x, y, w, h
+
+
+def parse_keep_bias(text: str) -> float | str:
+    """`auto` or a number -> GenerationSettings.keep_bias, or a one-line error."""
+    if text == "auto":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        raise TinyWorldsError(f"--keep-bias {text!r}: expected auto or a number") from None
+    if not math.isfinite(value):
+        raise TinyWorldsError(f"--keep-bias {text!r}: must be finite")
+    return value
 
 
 @app.command()
@@ -180,6 +194,7 @@ def dream(
     schedule: Annotated[str, typer.Option(help="Unmasking schedule: cosine, exponential or linear.")] = "cosine",
     temperature: Annotated[float, typer.Option(help="Sampling temperature; 0 is greedy.")] = 1.0,
     redraw: Annotated[bool, typer.Option("--redraw", help="Redraw every patch with the decoder, even those whose token is kept (default: they keep their pixels).")] = False,
+    keep_bias: Annotated[str, typer.Option(help="Added to the logit of keeping each patch's token: auto (undo the training's change_weight) or a number (0: as trained).")] = "auto",
     seed: Annotated[Optional[int], typer.Option(help="Seed of the sampling, random actions and random start (default: new).")] = None,
     models: Annotated[Optional[Path], typer.Option(help="Directory with tokenizer/, lam/ and dynamics/ (default data/models).")] = None,
     run: Annotated[Optional[str], typer.Option(help="Use the models of this MLflow run (id or unique prefix), fetched from the tracking store.")] = None,
@@ -203,7 +218,7 @@ def dream(
                      crop=parse_crop(crop), fit=fit),
         ActionRequest(actions=actions, random_actions=random_actions, replay=replay),
         GenerationSettings(steps=steps, schedule=schedule, temperature=temperature, seed=seed,
-                           carry_unchanged=not redraw),
+                           carry_unchanged=not redraw, keep_bias=parse_keep_bias(keep_bias)),
         DreamOutput(out=out, scale=scale, compare=compare, log=log),
         frames=frames, batch=batch, models=models_dir(models, run), device=device, threads=threads,
         say=lambda line: typer.echo(line, err=True),
@@ -227,6 +242,7 @@ def play(
     schedule: Annotated[str, typer.Option(help="Unmasking schedule: cosine, exponential or linear.")] = "cosine",
     temperature: Annotated[float, typer.Option(help="Sampling temperature; 0 is greedy.")] = 1.0,
     redraw: Annotated[bool, typer.Option("--redraw", help="Redraw every patch with the decoder, even those whose token is kept (default: they keep their pixels).")] = False,
+    keep_bias: Annotated[str, typer.Option(help="Added to the logit of keeping each patch's token: auto (undo the training's change_weight) or a number (0: as trained).")] = "auto",
     seed: Annotated[int, typer.Option(help="Seed of the starts and of the sampling.")] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
     threads: Annotated[str, typer.Option(help="CPU threads: auto (the cores other processes leave idle) or a number.")] = "auto",
@@ -240,7 +256,7 @@ def play(
         models=models_dir(models, run), device=device, threads=threads, keys=keys,
         start=StartRequest(dataset=dataset, index=index, image=image, context=context),
         settings=GenerationSettings(steps=steps, schedule=schedule, temperature=temperature, seed=seed,
-                                    carry_unchanged=not redraw),
+                                    carry_unchanged=not redraw, keep_bias=parse_keep_bias(keep_bias)),
         host=host, port=port, say=lambda line: typer.echo(line, err=True),
     )
 

@@ -65,7 +65,7 @@ from tinyworlds.data.clips import (
 )
 from tinyworlds.data.roots import split_config
 from tinyworlds.data.stores import file_sha256, open_frame_store
-from tinyworlds.inference.world import GenerationSettings, WorldModel
+from tinyworlds.inference.world import GenerationSettings, WorldModel, carry_unchanged_patches, check_keep_bias
 from tinyworlds.metrics import objects as O
 from tinyworlds.models.fsq import id_usage, perplexity
 from tinyworlds.tracking.flatten import flatten
@@ -94,6 +94,7 @@ class EvaluateConfig:
     schedule: str = "cosine"
     temperature: float = 0.0
     carry_unchanged: bool = True  # rollouts keep the pixels of patches whose token they keep (inference/world.py)
+    keep_bias: float | str = "auto"  # added to the logit of keeping a patch's token (inference/world.py)
     seed: int = 0
     batch_size: int = 64
     throughput_reps: int = 3
@@ -121,6 +122,7 @@ class EvaluateConfig:
             raise TinyWorldsError(f"params.yaml: evaluate.cut_fraction={self.cut_fraction!r} must be null or in (0, 1]")
         if not isinstance(self.carry_unchanged, bool):
             raise TinyWorldsError(f"params.yaml: evaluate.carry_unchanged={self.carry_unchanged!r} must be true or false")
+        check_keep_bias(self.keep_bias, "params.yaml: evaluate.keep_bias")
         if self.delta_psnr_horizon > self.horizon:
             raise TinyWorldsError(
                 f"params.yaml: evaluate.delta_psnr_horizon={self.delta_psnr_horizon} is past horizon={self.horizon}"
@@ -264,6 +266,7 @@ def tokenizer_metrics(world: WorldModel, held: HeldOutClips, config: EvaluateCon
         "ssim": float(M.ssim(recon, clips).mean()),
         "codebook_used": float((usage > 0).float().mean()),
         "codebook_perplexity": float(perplexity(usage)),
+        "still_token_changes": M.still_token_changes(clips.cpu(), tokens.cpu(), world.tokenizer.config.patch_size),
     }, tokens.cpu(), recon
 
 
@@ -381,12 +384,18 @@ def dynamics_metrics(world: WorldModel, name: str, held: HeldOutClips, tokens: t
     # The copy baseline in token space: the last context frame's tokens repeated and decoded like
     # a prediction; it already carries the tokenizer's loss, copying the real frame does not.
     copied_tokens = torch.cat([tokens[:, :c], M.copy_last_frame(tokens[:, :c], k)], dim=1)  # [B, T, P]
+    # The true tokens, drawn as rollouts are: with carry_unchanged a patch whose true token stays
+    # keeps the last real pixels, so the ceiling is what a dynamics model right about every token shows.
+    ceiling = recon[:, c:]  # [B, k, C, H, W]
+    if settings.carry_unchanged:
+        ceiling = carry_unchanged_patches(ceiling, tokens[:, c:], clips[:, c - 1], tokens[:, c - 1],
+                                          world.tokenizer.config.patch_size)
     frames = {
         "rollout": rollouts[:b],
         "random_ids": rollouts[b:],
         "copy_last_frame": M.copy_last_frame(clips[:, :c], k),
         "copy_tokens": in_batches(world.decode, copied_tokens, batch_size=bs)[:, c:].cpu(),
-        "tokenizer_ceiling": recon[:, c:],
+        "tokenizer_ceiling": ceiling,
     }
     rows = [row for condition in CONDITIONS
             for row in horizon_rows(name, condition, frames[condition], future, held.background, config)]
@@ -572,7 +581,8 @@ def evaluate(params: dict[str, Any], root: Path = Path(".")) -> dict[str, Any]:
     world = WorldModel.load(layout.model("tokenizer").parent, device=str(params.get("train", {}).get("device", "auto")))
     context = config.context_frames or world.context_frames - 1
     settings = GenerationSettings(steps=config.steps, schedule=config.schedule, temperature=config.temperature,
-                                  seed=config.seed, carry_unchanged=config.carry_unchanged)
+                                  seed=config.seed, carry_unchanged=config.carry_unchanged,
+                                  keep_bias=config.keep_bias)
     device_text = device_description(world.device)
     run_config = {
         "evaluate": {**asdict(config), "context_frames": context},

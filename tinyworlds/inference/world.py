@@ -15,11 +15,17 @@ patches are exact and only the patches the model changes are redrawn, as a video
 skips unchanged blocks. What the tokenizer does not see, the carry cannot move: a sprite
 missing from the tokens (the default tokenizer's Breakout ball) leaves its patch with the
 background's token, so it stays where the real frame had it; redrawn, it would vanish.
+
+Sampling: the dynamics model is trained with changing tokens weighted `change_weight` times,
+which tilts it towards predicting change by that factor; `GenerationSettings.keep_bias`
+("auto": log(change_weight)) adds the factor back to each patch's "keep" logit, so a patch
+changes where a change is likely rather than merely possible.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,6 +49,10 @@ class GenerationSettings:
     temperature: float = 1.0  # 0 = greedy
     seed: int | None = 0  # None only before `dream` draws a fresh one
     carry_unchanged: bool = True  # a patch whose token is kept keeps its pixels (module docstring)
+    # Added to the logit of keeping each patch's token (DynamicsModel.generate). "auto": log of
+    # the dynamics training's change_weight, which undoes the tilt towards change that the
+    # weighting gave the model; 0: sample the model as trained.
+    keep_bias: float | str = "auto"
 
 
 class WorldModel:
@@ -158,6 +168,10 @@ class WorldModel:
         return torch.cat([ids[:, 0, :-1], ids[:, :, -1]], dim=1)  # [B, T-1]
 
     # -- generation ----------------------------------------------------------------------------
+    def keep_bias(self, settings: GenerationSettings) -> float:
+        """settings.keep_bias as a number for this model ("auto": its calibrated value)."""
+        return resolve_keep_bias(settings.keep_bias, self.dynamics)
+
     def check_actions(self, actions: torch.Tensor, what: str = "actions") -> None:
         if actions.numel() and (int(actions.min()) < 0 or int(actions.max()) >= self.num_actions):
             raise TinyWorldsError(f"{what}: action ids must be in 0..{self.num_actions - 1}, got {actions.tolist()}")
@@ -187,12 +201,26 @@ class WorldModel:
             context_tokens, actions,
             context_actions=None if context_actions is None else context_actions.to(self.device).long(),
             steps=settings.steps, schedule=settings.schedule, temperature=settings.temperature, seed=settings.seed,
+            keep_bias=self.keep_bias(settings),
         )  # [B, N, P]
         frames = self.decode(torch.cat([context_tokens, new_tokens], dim=1))[:, context.shape[1]:]  # [B, N, C, H, W]
         if not settings.carry_unchanged:
             return frames
         return carry_unchanged_patches(frames, new_tokens, context[:, -1].to(self.device), context_tokens[:, -1],
                                        self.tokenizer.config.patch_size)
+
+
+def check_keep_bias(value: float | str, what: str = "keep_bias") -> None:
+    """One-line error unless `value` is "auto" or a finite number."""
+    if value == "auto":
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise TinyWorldsError(f"{what}={value!r}: must be auto or a number")
+
+
+def resolve_keep_bias(value: float | str, dynamics: DynamicsModel) -> float:
+    check_keep_bias(value)
+    return dynamics.calibrated_keep_bias() if value == "auto" else float(value)
 
 
 def carry_unchanged_patches(decoded: torch.Tensor, tokens: torch.Tensor, shown: torch.Tensor, shown_tokens: torch.Tensor,

@@ -1,5 +1,6 @@
-"""Building blocks shared by the three models: attention, SwiGLU, the space-time block with
-optional FiLM conditioning, sinusoidal positions, patchify, and config validation helpers.
+"""Building blocks shared by the three models: attention, SwiGLU, the patchwise MLP stack, the
+space-time block with optional FiLM conditioning, sinusoidal positions, patchify, and config
+validation helpers.
 
 Dimension keys: B batch, T time, C channels, H/W pixels, S patch size, Hp/Wp patch grid,
 P patches per frame (Hp * Wp), E embedding, E_c conditioning width, h attention heads,
@@ -209,6 +210,23 @@ class SwiGLU(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         value, gate = self.w_in(x).chunk(2, dim=-1)
         return self.w_out(F.silu(gate) * value)
+
+
+class PatchwiseMLP(nn.Module):
+    """A stack of pre-norm residual SwiGLU blocks and a final RMSNorm, applied to every patch on
+    its own: [..., E] -> [..., E]. No attention and no positions, so a patch's output is a
+    function of that patch's input alone, wherever and whenever it sits."""
+
+    def __init__(self, embed_dim: int, num_blocks: int):
+        super().__init__()
+        self.norms = nn.ModuleList(nn.RMSNorm(embed_dim) for _ in range(num_blocks))
+        self.mlps = nn.ModuleList(SwiGLU(embed_dim) for _ in range(num_blocks))
+        self.norm = nn.RMSNorm(embed_dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        for norm, mlp in zip(self.norms, self.mlps):
+            x = x + mlp(norm(x))
+        return self.norm(x)
 
 
 class SpaceTimeBlock(nn.Module):

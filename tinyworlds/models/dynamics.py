@@ -228,6 +228,7 @@ class DynamicsModel(nn.Module):
         schedule: str = "cosine",
         temperature: float = 1.0,
         seed: int | Tensor = 0,
+        keep_bias: float = 0.0,
         use_cache: bool = True,
     ) -> Tensor:
         """Generate N frames after the context, one at a time, by iterative MaskGIT unmasking.
@@ -237,6 +238,9 @@ class DynamicsModel(nn.Module):
         max_frames the model sees a sliding window of the latest frames. temperature 0 is
         greedy. seed: an int (sample i uses seed + i) or a LongTensor [B] of per-sample seeds;
         each sample's output depends only on its own seed and inputs, not on the batch.
+        keep_bias is added to the logit of each patch's token in the frame before: log of the
+        training's change_weight (`calibrated_keep_bias`) undoes the tilt that weighting gave
+        the model towards change; 0 samples the model as trained.
         use_cache=False re-runs the whole window at every MaskGIT step (the reference the
         cached path is tested against; same tokens, several times slower).
         Returns the new tokens [B, N, P].
@@ -262,7 +266,7 @@ class DynamicsModel(nn.Module):
             # The window's first frame takes the null action, as frame 0 does in training.
             frame_features = self._frame_features(known, past_actions[:, -known.shape[1]:], use_cache)
             frame = self._sample_frame(
-                frame_features, known[:, -1], seeds, n, steps, MASK_SCHEDULES[schedule], temperature
+                frame_features, known[:, -1], seeds, n, steps, MASK_SCHEDULES[schedule], temperature, keep_bias
             )  # [B, P]
             tokens = torch.cat([tokens, rearrange(frame, "b p -> b 1 p")], dim=1)  # [B, T+1, P]
             new_frames.append(frame)
@@ -289,7 +293,8 @@ class DynamicsModel(nn.Module):
 
         return from_cache
 
-    def _sample_frame(self, frame_features, previous, seeds, frame_index, steps, masked_fraction, temperature) -> Tensor:
+    def _sample_frame(self, frame_features, previous, seeds, frame_index, steps, masked_fraction, temperature,
+                      keep_bias) -> Tensor:
         """MaskGIT unmasking of one frame of [B, P] tokens, scored by `frame_features`, after the
         frame `previous` [B, P] -> the frame [B, P]."""
         b, p = previous.shape
@@ -301,7 +306,11 @@ class DynamicsModel(nn.Module):
             masked = is_known.byte().argsort(dim=-1, stable=True)[:, :masked_count]  # [B, M], ascending
             features = frame_features(frame)  # [B, P, E]
             features = features.gather(1, repeat(masked, "b m -> b m e", e=features.shape[-1]))  # [B, M, E]
-            logits = self.token_logits(features, previous.gather(1, masked)).float()  # [B, M, V]
+            before = previous.gather(1, masked)  # [B, M]: the same patches' tokens one frame earlier
+            logits = self.token_logits(features, before).float()  # [B, M, V]
+            if keep_bias:
+                logits = logits.scatter_add(-1, rearrange(before, "b m -> b m 1"),
+                                            torch.full_like(logits[..., :1], keep_bias))  # [B, M, V]
             if temperature == 0:
                 probs = logits.softmax(-1)  # [B, M, V]
                 sampled = probs.argmax(-1)  # [B, M]
@@ -323,6 +332,12 @@ class DynamicsModel(nn.Module):
             frame = torch.where(keep, sampled, self.mask_id)
             masked_count = p - keep_count
         return frame
+
+    def calibrated_keep_bias(self) -> float:
+        """The keep_bias that undoes change_weight. Cross-entropy with weight w on every token
+        other than the one before is minimised by p(token) scaled by w for each of them, so
+        keeping the token is under-rated by the factor w: log(w) on its logit restores it."""
+        return math.log(self.config.change_weight)
 
     def _check_generate_args(self, context_tokens, actions, context_actions, steps, schedule, temperature):
         c = self.config

@@ -1,10 +1,12 @@
 """Video tokenizer: frames -> one discrete token per patch -> frames (Genie's ST-ViViT with FSQ).
 
-patch embed -> spatial encoder (per frame) -> Linear to L dims -> FSQ -> Linear up
--> space-time decoder (causal in time) -> Linear to patch pixels -> unpatchify.
-Tokens are a function of their own frame alone (so they can be cached per frame), and the
-decoded pixels of frame t never depend on later frames: a rollout can decode each generated
-frame as it comes.
+patch embed -> encoder -> Linear to L dims -> FSQ -> Linear up -> space-time decoder (causal
+in time) -> Linear to patch pixels -> unpatchify.
+The encoder sees one frame (spatial attention, `encoder_context: frame`) or one patch (a
+patchwise MLP, `encoder_context: patch`). Either way tokens are a function of their own frame
+alone (so they can be cached per frame), and the decoded pixels of frame t never depend on
+later frames: a rollout can decode each generated frame as it comes. With `patch`, a patch
+whose pixels do not change keeps its token, and the same sprite gets the same token anywhere.
 
 Dimension keys: B batch, T time, C channels, H/W pixels, S patch size, P patches per frame,
 E embedding, L FSQ dims (len(levels)), V vocabulary (prod(levels)).
@@ -20,7 +22,9 @@ from torch import Tensor, nn
 
 from tinyworlds.core.errors import TinyWorldsError
 from tinyworlds.models.blocks import (
+    PatchwiseMLP,
     SpaceTimeTransformer,
+    check,
     check_attention,
     check_frames,
     check_levels,
@@ -31,6 +35,9 @@ from tinyworlds.models.blocks import (
     unpatchify,
 )
 from tinyworlds.models.fsq import FSQ, id_usage, perplexity
+
+
+ENCODER_CONTEXTS = ("frame", "patch")
 
 
 @dataclass
@@ -49,12 +56,18 @@ class TokenizerConfig:
     # MSE (weight 1) the cheapest reconstruction is the empty background.
     foreground_weight: float = 1.0
     foreground_threshold: float = 24 / 127.5  # on the model's [-1, 1] scale: 24 of 255
+    # What a patch's token sees. "frame": the whole frame, by spatial attention (Genie's
+    # ST-ViViT): context helps compress, but a patch whose pixels stay put can get a new token
+    # when its neighbours change, and the dynamics model learns to predict that flicker.
+    # "patch": its own pixels alone, through a patchwise MLP: unchanged pixels keep their token.
+    encoder_context: str = "frame"
 
     def __post_init__(self):
         check_frames(self)
         check_attention(self)
         check_positive_ints(self, "encoder_blocks", "decoder_blocks", "max_frames")
         check_levels(self)
+        check(self, "encoder_context", self.encoder_context in ENCODER_CONTEXTS, f"must be one of {ENCODER_CONTEXTS}")
         if not (self.foreground_weight >= 1 and self.foreground_threshold >= 0):
             raise TinyWorldsError(f"tokenizer: foreground_weight={self.foreground_weight!r} must be >= 1 and "
                                   f"foreground_threshold={self.foreground_threshold!r} >= 0")
@@ -70,11 +83,14 @@ class VideoTokenizer(nn.Module):
         self.grid = c.frame_size // c.patch_size  # Hp = Wp
         patch_dim = c.patch_size * c.patch_size * c.channels
         self.patch_embed = nn.Linear(patch_dim, c.embed_dim)
-        # The encoder attends within each frame only, so a frame's tokens depend on that frame
-        # alone: they can be computed once per frame and cached for any clip (stage tokenize).
-        self.encoder = SpaceTimeTransformer(
-            c.embed_dim, c.num_heads, c.encoder_blocks, grid=self.grid, max_frames=c.max_frames, temporal=False
-        )
+        # The encoder never looks across frames, so a frame's tokens depend on that frame alone:
+        # they can be computed once per frame and cached for any clip (stage tokenize).
+        if c.encoder_context == "patch":
+            self.encoder = PatchwiseMLP(c.embed_dim, c.encoder_blocks)
+        else:
+            self.encoder = SpaceTimeTransformer(
+                c.embed_dim, c.num_heads, c.encoder_blocks, grid=self.grid, max_frames=c.max_frames, temporal=False
+            )
         self.to_latent = nn.Linear(c.embed_dim, len(c.levels))
         self.fsq = FSQ(c.levels)
         self.from_latent = nn.Linear(len(c.levels), c.embed_dim)

@@ -92,6 +92,7 @@ class PlaySession:
         new = world.dynamics.generate(
             self.tokens, chosen, context_actions=self.actions,
             steps=s.steps, schedule=s.schedule, temperature=s.temperature, seed=s.seed + self.count,
+            keep_bias=world.keep_bias(s),
         )  # [1, 1, P]
         shown_tokens = self.tokens[:, -1]  # [1, P]: of the frame on screen
         self.tokens = torch.cat([self.tokens, new], dim=1)[:, -self.keep:]  # [1, K, P]
