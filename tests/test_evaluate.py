@@ -224,6 +224,7 @@ def test_rollout_and_baselines_line_up_with_the_truth(project):
                                          GenerationSettings(steps=2, temperature=0.0))
     assert (out["random_ids"] == 1).all()  # drawn only from the ids the LAM uses
     assert {(r["condition"], r["horizon"]) for r in rows} == {(c, h) for c in CONDITIONS for h in (1, 2, 3)}
+
     def psnr_h2(frames):  # [B, 3, C, H, W] after the 3 context frames, against the real frame 4
         return 10 * math.log10(255**2 / float(((frames[:, 1].double() - held.frames[:, 4].double()) ** 2).mean()))
 
