@@ -8,7 +8,6 @@ line with exit status 1 and no traceback.
 from __future__ import annotations
 
 import functools
-import math
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -76,14 +75,13 @@ def parse_crop(text: str | None) -> tuple[int, int, int, int] | None:
 
 def parse_keep_bias(text: str) -> float | str:
     """`auto` or a number -> GenerationSettings.keep_bias, or a one-line error."""
-    if text == "auto":
-        return text
+    from tinyworlds.inference.world import check_keep_bias
+
     try:
-        value = float(text)
+        value = text if text == "auto" else float(text)
     except ValueError:
         raise TinyWorldsError(f"--keep-bias {text!r}: expected auto or a number") from None
-    if not math.isfinite(value):
-        raise TinyWorldsError(f"--keep-bias {text!r}: must be finite")
+    check_keep_bias(value, "--keep-bias")  # inf and nan parse as floats
     return value
 
 

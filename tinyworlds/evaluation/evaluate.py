@@ -261,13 +261,14 @@ def tokenizer_metrics(world: WorldModel, held: HeldOutClips, config: EvaluateCon
     tokens = in_batches(world.encode, clips, batch_size=config.batch_size)  # [B, T, P]
     recon = in_batches(world.decode, tokens, batch_size=config.batch_size).cpu()  # [B, T, C, H, W]
     usage = id_usage(tokens, world.tokenizer.vocab_size)  # [V]
+    tokens = tokens.cpu()
     return {
         **foreground_summary(recon, clips, held.background, config),
         "ssim": float(M.ssim(recon, clips).mean()),
         "codebook_used": float((usage > 0).float().mean()),
         "codebook_perplexity": float(perplexity(usage)),
-        "still_token_changes": M.still_token_changes(clips.cpu(), tokens.cpu(), world.tokenizer.config.patch_size),
-    }, tokens.cpu(), recon
+        "still_token_changes": M.still_token_changes(clips, tokens, world.tokenizer.config.patch_size),
+    }, tokens, recon
 
 
 def lam_metrics(transitions: dict[str, Transitions], num_actions: int, action_meanings: list[str], *,
