@@ -42,7 +42,8 @@ def shrink(params: dict) -> dict:
         params[name]["train"].update(tiny_train)
     params["tokenizer"]["model"]["levels"] = [4, 4]
     params["dynamics"]["model"].update(embed_dim=32, num_heads=2, num_blocks=1)
-    params["dynamics"]["train"].update(tiny_train)
+    # Clips one frame longer than the tokenizer's: its previews decode past the tokenizer's window.
+    params["dynamics"]["train"].update(tiny_train, clip_len=4)
     params["tracking"]["uri"] = None
     return params
 

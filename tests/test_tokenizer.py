@@ -138,6 +138,18 @@ def test_clip_longer_than_max_frames_is_a_clear_error():
         tiny_tokenizer().encode(blocky_frames(frames=5))
 
 
+def test_decoding_past_the_window_slides_it():
+    # A dynamics model may train on longer clips than the tokenizer: their frames still decode,
+    # each from the window of tokens ending at it.
+    model = tiny_tokenizer()
+    tokens = torch.randint(0, model.vocab_size, (2, 7, model.num_patches))
+    long = model.decode(tokens)  # 7 frames > max_frames 4
+    assert long.shape == (2, 7, 3, 16, 16)
+    assert torch.allclose(long[:, :4], model.decode(tokens[:, :4]), atol=1e-6)
+    for t in range(4, 7):
+        assert torch.allclose(long[:, t], model.decode(tokens[:, t - 3 : t + 1])[:, -1], atol=1e-6)
+
+
 def test_pixel_conversion_round_trips():
     pixels = torch.arange(256, dtype=torch.uint8).reshape(1, 1, 16, 16).expand(2, 3, 16, 16)
     model_input = to_model(pixels)

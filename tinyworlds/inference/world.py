@@ -135,23 +135,8 @@ class WorldModel:
 
     @torch.inference_mode()
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Tokens [B, T, P] -> uint8 frames [B, T, C, H, W].
-
-        The decoder attends over time within its training window, so frame t is decoded from
-        the window of tokens ending at t (a sliding window, batched over all t at once).
-        """
-        window = self.tokenizer.config.max_frames
-        tokens = tokens.to(self.device)
-        b, t, _ = tokens.shape
-        if t <= window:
-            return to_uint8(self.tokenizer.decode(tokens))
-        # Windows ending at frames window-1 .. t-1; the first window also yields frames 0..window-2.
-        windows = tokens.unfold(1, window, 1)  # [B, t-window+1, P, window]
-        windows = rearrange(windows, "b n p w -> (b n) w p")  # [B*n, window, P]
-        decoded = self.tokenizer.decode(windows)  # [B*n, window, C, H, W]
-        decoded = rearrange(decoded, "(b n) w c h x -> b n w c h x", b=b)
-        frames = torch.cat([decoded[:, 0, :-1], decoded[:, :, -1]], dim=1)  # [B, T, C, H, W]
-        return to_uint8(frames)
+        """Tokens [B, T, P] -> uint8 frames [B, T, C, H, W] (any T: the tokenizer slides its window)."""
+        return to_uint8(self.tokenizer.decode(tokens.to(self.device)))
 
     @torch.inference_mode()
     def infer_actions(self, frames: torch.Tensor) -> torch.Tensor:

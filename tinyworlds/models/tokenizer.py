@@ -124,8 +124,21 @@ class VideoTokenizer(nn.Module):
 
     @torch.no_grad()
     def decode(self, tokens: Tensor) -> Tensor:
-        """Tokens [B, T, P] -> frames [B, T, C, H, W] (unclamped, nominally [-1, 1]). No gradient."""
-        return self.decode_codes(self.fsq.ids_to_codes(tokens))
+        """Tokens [B, T, P] -> frames [B, T, C, H, W] (unclamped, nominally [-1, 1]). No gradient.
+
+        The decoder attends over time within its window of max_frames, so past it frame t is
+        decoded from the window of tokens ending at t (sliding windows, batched over all t at
+        once): a clip of any length decodes as its frames would inside the window.
+        """
+        window = self.config.max_frames
+        b, t, _ = tokens.shape
+        if t <= window:
+            return self.decode_codes(self.fsq.ids_to_codes(tokens))
+        # Windows ending at frames window-1 .. t-1; the first window also yields frames 0..window-2.
+        windows = rearrange(tokens.unfold(1, window, 1), "b n p w -> (b n) w p")  # [B*n, window, P]
+        decoded = self.decode_codes(self.fsq.ids_to_codes(windows))  # [B*n, window, C, H, W]
+        decoded = rearrange(decoded, "(b n) w c h x -> b n w c h x", b=b)  # [B, n, window, C, H, W]
+        return torch.cat([decoded[:, 0, :-1], decoded[:, :, -1]], dim=1)  # [B, T, C, H, W]
 
     def forward(self, frames: Tensor) -> tuple[Tensor, Tensor]:
         """Frames [B, T, C, H, W] -> (reconstruction [B, T, C, H, W], tokens [B, T, P])."""
