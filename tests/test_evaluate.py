@@ -28,6 +28,7 @@ from tinyworlds.evaluation.evaluate import (
     held_out_clips,
 )
 from tinyworlds.inference.world import GenerationSettings, WorldModel, carry_unchanged_patches
+from tinyworlds import metrics as M
 from tinyworlds.metrics import objects as O
 from tinyworlds.models import TokenizerConfig, VideoTokenizer
 from tinyworlds.models.checkpoint import save_model
@@ -239,6 +240,15 @@ def test_rollout_and_baselines_line_up_with_the_truth(project):
     copied = world.decode(torch.cat([tokens[:, :3], tokens[:, 2:3].expand(-1, 3, -1)], dim=1))[:, 3:]
     assert torch.equal(out["frames"]["copy_tokens"], copied)
     assert scores["delta_fg_psnr_low"] <= scores["delta_fg_psnr"] <= scores["delta_fg_psnr_high"]
+    # Copying the last frame moves nothing: it finds none of the real moves, and makes no false one.
+    real_moves = M.moved_patches(held.frames[:, 3:], held.frames[:, 2:-1], world.tokenizer.config.patch_size, 24)
+    assert real_moves.any()
+    for h in ("h1", "h2", "h3"):
+        assert scores["copy_last_frame"]["change_recall"][h] == 0.0
+        assert math.isnan(scores["copy_last_frame"]["change_precision"][h])
+    rollout_moves = M.moved_patches(out["frames"]["rollout"], M.frame_steps(out["frames"]["rollout"], held.frames[:, 2]),
+                                    world.tokenizer.config.patch_size, 24)
+    assert scores["rollout_changes"] == M.change_agreement(rollout_moves, real_moves)
 
 
 def test_horizon_curves_for_dvc_plots(project, evaluated):
@@ -246,6 +256,9 @@ def test_horizon_curves_for_dvc_plots(project, evaluated):
     assert {(r["dataset"], r["condition"]) for r in rows} == {(d, c) for d in ("pong", "plain") for c in CONDITIONS}
     rollout_h2 = next(r for r in rows if (r["dataset"], r["condition"], r["horizon"]) == ("pong", "rollout", "2"))
     assert float(rollout_h2["fg_psnr"]) == pytest.approx(evaluated["pong"]["dynamics"]["rollout"]["fg_psnr"]["h2"])
+    for column in ("change_precision", "change_recall"):
+        assert float(rollout_h2[column]) == pytest.approx(evaluated["pong"]["dynamics"]["rollout"][column]["h2"],
+                                                          nan_ok=True)
 
 
 def test_mlflow_run_has_metrics_grid_and_videos_that_decode(project, evaluated):
@@ -300,6 +313,9 @@ def test_results_table_says_which_goals_each_dataset_meets(project, evaluated):
                                   "lam_nmi_over_ceiling": 0.75, "rollout_minus_copy_fg_psnr_min": 0.5,
                                   "delta_fg_psnr": 1.5, "delta_fg_psnr_low": 0.4}}}
     assert all(line.endswith("; met: yes |") for line in goals_table(good).splitlines()[2:])
+    assert "(moves:" not in goals_table(good)  # a headline from before 0.3.9 has no change scores
+    moves = f"(moves: precision {pong['rollout_change_precision']:.2f}, recall {pong['rollout_change_recall']:.2f})"
+    assert moves in table.splitlines()[5]
     result = CliRunner().invoke(app, ["results", "--metrics", str(Layout(project).metrics("evaluate"))])
     assert result.exit_code == 0 and result.output.strip() == table
     missing = CliRunner().invoke(app, ["results", "--metrics", str(project / "nope.json")])

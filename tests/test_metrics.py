@@ -121,6 +121,26 @@ def test_still_token_changes_counts_token_changes_where_no_pixel_moves():
     assert math.isnan(M.still_token_changes(flashing, tokens[:, :2], patch_size=4))
 
 
+def test_change_agreement_scores_where_a_prediction_moves_against_the_truth():
+    last = torch.zeros(1, 3, 8, 8, dtype=torch.uint8)  # [B, C, H, W]: 4 patches of 4x4
+    truth = torch.zeros(1, 2, 3, 8, 8, dtype=torch.uint8)  # [B, k, C, H, W]
+    truth[0, :, :, :4, :4] = 200  # patch 0 lights up at h1 and stays
+    truth[0, 1, :, :4, 4:] = 100  # patch 1 lights up at h2
+    guess = torch.zeros_like(truth)
+    guess[0, :, :, :4, :4] = 60  # patch 0 at h1, wrong colour: still a move in the right place
+    guess[0, 1, :, 4:, :4] = 90  # patch 2 at h2, where nothing moves
+    guess[0, 1, 0, 4, 4] = 24  # patch 3 at h2: one pixel within the tolerance
+    true_moved = M.moved_patches(truth, M.frame_steps(truth, last), patch_size=4, tolerance=24)  # [B, k, P]
+    moved = M.moved_patches(guess, M.frame_steps(guess, last), patch_size=4, tolerance=24)
+    assert true_moved.tolist() == [[[True, False, False, False], [False, True, False, False]]]
+    assert moved.tolist() == [[[True, False, False, False], [False, False, True, False]]]
+    assert M.change_agreement(moved, true_moved) == {"change_precision": 0.5, "change_recall": 0.5}
+    assert M.change_agreement(moved[:, :1], true_moved[:, :1]) == {"change_precision": 1.0, "change_recall": 1.0}
+    frozen = M.change_agreement(torch.zeros_like(moved), true_moved)  # copying the last frame
+    assert math.isnan(frozen["change_precision"]) and frozen["change_recall"] == 0.0
+    assert math.isnan(M.change_agreement(moved, torch.zeros_like(true_moved))["change_recall"])
+
+
 def test_entropy_and_label_fractions():
     fractions = M.label_fractions(torch.tensor([0, 1, 2, 3, 0, 1, 2, 3]), 6)
     assert fractions.tolist() == [0.25, 0.25, 0.25, 0.25, 0.0, 0.0]

@@ -14,7 +14,11 @@ and k more, from the validation split every training stage held out):
                last real frame (the floor), copying its tokens, and the tokenizer's
                reconstruction of the truth (the ceiling); foreground ΔtPSNR with its interval.
                Rollouts are drawn as `play` draws them (`evaluate.carry_unchanged`): a patch
-               whose token the model keeps keeps its pixels, so "nothing moves" scores the floor
+               whose token the model keeps keeps its pixels, so "nothing moves" scores the floor.
+               Where each moves something against where the truth does: change precision and
+               recall over patches (a patch moves where a pixel changes by more than the
+               foreground threshold from the frame before; a false move and a missed one are
+               what the PSNRs cannot tell apart)
     headline   the few figures the README's table and the project's goals read
     throughput generated frames/s at batch 1 and 8 on the device used
 
@@ -342,13 +346,15 @@ def interval(name: str, statistic: Callable[[np.ndarray], float], num_items: int
 
 
 def horizon_rows(name: str, condition: str, frames: torch.Tensor, future: torch.Tensor, background: np.ndarray,
-                 config: EvaluateConfig) -> list[dict[str, Any]]:
+                 config: EvaluateConfig, moved: torch.Tensor, true_moved: torch.Tensor) -> list[dict[str, Any]]:
     """One row per horizon h = 1..k: the condition's frames [B, k, C, H, W] scored against the
-    real ones at h."""
+    real ones at h, and where they move (patches [B, k, P], `moved_patches`) against where the
+    real ones move."""
     rows = []
     for h in range(frames.shape[1]):
         summary = foreground_summary(frames[:, h], future[:, h], background, config)
-        rows.append({"dataset": name, "condition": condition, "horizon": h + 1, **summary})
+        changes = M.change_agreement(moved[:, h], true_moved[:, h])
+        rows.append({"dataset": name, "condition": condition, "horizon": h + 1, **summary, **changes})
     return rows
 
 
@@ -398,8 +404,15 @@ def dynamics_metrics(world: WorldModel, name: str, held: HeldOutClips, tokens: t
         "copy_tokens": in_batches(world.decode, copied_tokens, batch_size=bs)[:, c:].cpu(),
         "tokenizer_ceiling": ceiling,
     }
+    # Where each condition moves something, frame after frame from the last real one: a model of
+    # change moves what moves and keeps what stays, whatever it draws there.
+    last_real, patch, tolerance = clips[:, c - 1], world.tokenizer.config.patch_size, config.foreground_threshold
+    moved = {condition: M.moved_patches(frames[condition], M.frame_steps(frames[condition], last_real), patch, tolerance)
+             for condition in CONDITIONS}  # each [B, k, P]
+    true_moved = M.moved_patches(future, M.frame_steps(future, last_real), patch, tolerance)  # [B, k, P]
     rows = [row for condition in CONDITIONS
-            for row in horizon_rows(name, condition, frames[condition], future, held.background, config)]
+            for row in horizon_rows(name, condition, frames[condition], future, held.background, config,
+                                    moved[condition], true_moved)]
     table = {condition: {f"h{r['horizon']}": r for r in rows if r["condition"] == condition} for condition in CONDITIONS}
 
     # Genie's ΔtPSNR on the objects at t: the LAM's ids against random ones, paired over clips.
@@ -414,8 +427,10 @@ def dynamics_metrics(world: WorldModel, name: str, held: HeldOutClips, tokens: t
     out = {
         "next_frame": {key: next_frame[key] for key in ("fg_psnr", "fg_recall", "psnr")},
         **{condition: {metric: {h: table[condition][h][metric] for h in table[condition]}
-                       for metric in ("fg_psnr", "fg_recall", "fg_precision", "psnr")}
+                       for metric in ("fg_psnr", "fg_recall", "fg_precision", "psnr", "change_precision",
+                                      "change_recall")}
            for condition in CONDITIONS},
+        "rollout_changes": M.change_agreement(moved["rollout"], true_moved),  # over every horizon
         "rollout_fg_psnr_ci": {h: [table["rollout"][h]["fg_psnr_low"], table["rollout"][h]["fg_psnr_high"]]
                                for h in table["rollout"]},
         "delta_fg_psnr": delta, "delta_fg_psnr_low": low, "delta_fg_psnr_high": high,
@@ -434,6 +449,8 @@ def headline(tokenizer: dict[str, Any], lam: dict[str, Any], dynamics: dict[str,
         "rollout_minus_copy_fg_psnr_min": float(min(margins)),
         "delta_fg_psnr": dynamics["delta_fg_psnr"],
         "delta_fg_psnr_low": dynamics["delta_fg_psnr_low"],
+        "rollout_change_precision": dynamics["rollout_changes"]["change_precision"],
+        "rollout_change_recall": dynamics["rollout_changes"]["change_recall"],
         "lam_used_ids": lam["used_ids"],
     }
     for key in ("nmi", "nmi_displacement", "nmi_displacement_low", "nmi_displacement_high", "nmi_ceiling",
@@ -488,7 +505,8 @@ def mean_over_datasets(per_dataset: dict[str, dict]) -> dict[str, Any]:
 
 def write_horizon_csv(rows: list[dict[str, Any]], path: Path) -> None:
     """The per-horizon curves for `dvc plots show`: one row per dataset, condition and horizon."""
-    columns = ["dataset", "condition", "horizon", "fg_psnr", "fg_psnr_low", "fg_psnr_high", "fg_recall", "psnr"]
+    columns = ["dataset", "condition", "horizon", "fg_psnr", "fg_psnr_low", "fg_psnr_high", "fg_recall", "psnr",
+               "change_precision", "change_recall"]
     with atomic_output(path) as tmp, open(tmp, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()

@@ -38,6 +38,13 @@ def _range(headline: dict[str, Any], key: str, digits: int = 3) -> str:
     return f" [{low:.{digits}f}-{high:.{digits}f}]" if _known(low, high) else ""
 
 
+def _moves(headline: dict[str, Any]) -> str:
+    """' (moves: precision P, recall R)': where the rollout moves against where the truth
+    does, or '' where the headline has none (older runs)."""
+    precision, recall = _get(headline, "rollout_change_precision"), _get(headline, "rollout_change_recall")
+    return f" (moves: precision {precision:.2f}, recall {recall:.2f})" if _known(precision, recall) else ""
+
+
 GOALS = (
     Goal("tokenizer keeps the objects: fg recall >= 0.95, fg PSNR >= 25 dB",
          lambda h: f"{_get(h, 'tokenizer_fg_recall'):.3f}, {_get(h, 'tokenizer_fg_psnr'):.1f} dB",
@@ -52,7 +59,7 @@ GOALS = (
                    f"({_get(h, 'lam_nmi_over_ceiling'):.2f}{_range(h, 'lam_nmi_over_ceiling', 2)})",
          lambda h: _get(h, "lam_nmi_over_ceiling") >= 2 / 3 if _known(_get(h, "lam_nmi_over_ceiling")) else None),
     Goal("rollout beats copying the last real frame on the objects at every horizon",
-         lambda h: f"{_get(h, 'rollout_minus_copy_fg_psnr_min'):+.2f} dB at worst",
+         lambda h: f"{_get(h, 'rollout_minus_copy_fg_psnr_min'):+.2f} dB at worst{_moves(h)}",
          lambda h: _get(h, "rollout_minus_copy_fg_psnr_min") > 0),
     Goal("controls matter: fg ΔtPSNR >= 1 dB, 95% interval above 0",
          lambda h: f"{_get(h, 'delta_fg_psnr'):+.2f} dB (low {_get(h, 'delta_fg_psnr_low'):+.2f})",

@@ -105,6 +105,14 @@ def copy_last_frame(context: torch.Tensor, horizon: int) -> torch.Tensor:
 STILL_TOLERANCE = 8
 
 
+def moved_patches(frames: torch.Tensor, previous: torch.Tensor, patch_size: int, tolerance: float) -> torch.Tensor:
+    """uint8 frames [..., C, H, W] and the frames before them (same shape) -> bool [..., P]: the
+    patches (of patch_size, row-major) where some pixel moves by more than `tolerance`."""
+    step = (frames.int() - previous.int()).abs()  # [..., C, H, W]
+    largest = reduce(step, "... c (hp s1) (wp s2) -> ... (hp wp)", "max", s1=patch_size, s2=patch_size)  # [..., P]
+    return largest > tolerance
+
+
 def still_token_changes(frames: torch.Tensor, tokens: torch.Tensor, patch_size: int,
                         tolerance: int = STILL_TOLERANCE) -> float:
     """Share of still patches whose token changes from one frame to the next: uint8 frames
@@ -113,11 +121,24 @@ def still_token_changes(frames: torch.Tensor, tokens: torch.Tensor, patch_size: 
     A tokenizer whose tokens flicker where the picture does not teaches the dynamics model to
     predict changes that are not there. NaN when no patch is still.
     """
-    step = (frames[:, 1:].int() - frames[:, :-1].int()).abs()  # [B, T-1, C, H, W]
-    largest = reduce(step, "b t c (hp s1) (wp s2) -> b t (hp wp)", "max", s1=patch_size, s2=patch_size)  # [B, T-1, P]
-    still = largest <= tolerance
+    still = ~moved_patches(frames[:, 1:], frames[:, :-1], patch_size, tolerance)  # [B, T-1, P]
     changed = tokens[:, 1:] != tokens[:, :-1]  # [B, T-1, P]
     return float((changed & still).sum() / still.sum()) if still.any() else math.nan
+
+
+def frame_steps(frames: torch.Tensor, last_real: torch.Tensor) -> torch.Tensor:
+    """Frames [B, k, C, H, W] after a last real frame [B, C, H, W] -> the frame before each of
+    them [B, k, C, H, W]: the last real frame, then the frames themselves."""
+    return torch.cat([rearrange(last_real, "b c h w -> b 1 c h w"), frames[:, :-1]], dim=1)
+
+
+def change_agreement(predicted: torch.Tensor, true: torch.Tensor) -> dict[str, float]:
+    """Where a prediction moves against where the truth moves: bool masks of moved patches, the
+    same shape -> precision (share of the predicted moves where the truth moves; NaN if it
+    predicts none) and recall (share of the true moves it predicts; NaN if none)."""
+    hits = (predicted & true).sum().item()
+    made, real = predicted.sum().item(), true.sum().item()
+    return {"change_precision": hits / made if made else math.nan, "change_recall": hits / real if real else math.nan}
 
 
 # ---------------------------------------------------------------------------------------------
