@@ -15,6 +15,7 @@ import torch
 import zarr
 from mlflow import MlflowClient
 
+from tinyworlds import metrics as M
 from tinyworlds.core.errors import TinyWorldsError
 from tinyworlds.core.params import Layout
 from tinyworlds.data.clips import SplitConfig
@@ -28,7 +29,6 @@ from tinyworlds.evaluation.evaluate import (
     held_out_clips,
 )
 from tinyworlds.inference.world import GenerationSettings, WorldModel, carry_unchanged_patches
-from tinyworlds import metrics as M
 from tinyworlds.metrics import objects as O
 from tinyworlds.models import TokenizerConfig, VideoTokenizer
 from tinyworlds.models.checkpoint import save_model
