@@ -35,6 +35,7 @@ from einops import rearrange, repeat
 from tinyworlds.core.device import pick_device
 from tinyworlds.core.errors import TinyWorldsError
 from tinyworlds.inference.latent_actions import NAMES_FILE, action_labels
+from tinyworlds.models.blocks import over_time_windows
 from tinyworlds.models.checkpoint import load_model
 from tinyworlds.models.dynamics import DynamicsModel
 from tinyworlds.models.lam import LatentActionModel
@@ -142,15 +143,8 @@ class WorldModel:
     def infer_actions(self, frames: torch.Tensor) -> torch.Tensor:
         """uint8 frames [B, T, C, H, W] -> latent action ids [B, T-1] of each transition."""
         self.check_frames(frames)
-        window = self.lam.config.max_frames
-        frames = to_model(frames.to(self.device))
-        if frames.shape[1] <= window:
-            return self.lam.infer(frames)
-        # Longer than the LAM's window: label each transition in the window that ends at it.
-        windows = frames.unfold(1, window, 1)  # [B, n, C, H, W, window]
-        windows = rearrange(windows, "b n c h w k -> (b n) k c h w")
-        ids = rearrange(self.lam.infer(windows), "(b n) k -> b n k", b=frames.shape[0])  # [B, n, window-1]
-        return torch.cat([ids[:, 0, :-1], ids[:, :, -1]], dim=1)  # [B, T-1]
+        # Longer than the LAM's window: each transition labelled in the window that ends at it.
+        return over_time_windows(self.lam.infer, to_model(frames.to(self.device)), self.lam.config.max_frames)  # [B, T-1]
 
     # -- generation ----------------------------------------------------------------------------
     def keep_bias(self, settings: GenerationSettings) -> float:

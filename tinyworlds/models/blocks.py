@@ -90,6 +90,20 @@ def unpatchify(patches: Tensor, patch_size: int, grid: int) -> Tensor:
     )  # [B, T, C, H, W]
 
 
+def over_time_windows(fn, x: Tensor, window: int) -> Tensor:
+    """A model with a window of `window` frames, over a clip of any length: x [B, T, ...] ->
+    fn(x) when T <= window; past it, fn on every window of frames ending at window-1 .. T-1
+    (batched), stitched into the first window's outputs and then each later window's last.
+    fn maps [N, window, ...] to [N, K, ...] outputs aligned with the window's end (K = window
+    per frame, window - 1 per transition), so each output is made from the window ending at it."""
+    b, t = x.shape[:2]
+    if t <= window:
+        return fn(x)
+    windows = rearrange(x.unfold(1, window, 1), "b n ... w -> (b n) w ...")  # [B*n, window, ...]
+    out = rearrange(fn(windows), "(b n) k ... -> b n k ...", b=b)  # [B, n, K, ...]
+    return torch.cat([out[:, 0, :-1], out[:, :, -1]], dim=1)  # [B, T or T-1, ...]
+
+
 def emphasis_weights(difference: Tensor, weight: float, threshold: float) -> Tensor:
     """Per-pixel loss weights [B, T, 1, H, W] from differences [B, T, C, H, W]: `weight` where any
     channel differs by more than `threshold`, else 1. What the difference is against decides

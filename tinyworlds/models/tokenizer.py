@@ -31,6 +31,7 @@ from tinyworlds.models.blocks import (
     check_positive_ints,
     emphasis_weights,
     emphasised_mse,
+    over_time_windows,
     patchify,
     unpatchify,
 )
@@ -130,15 +131,7 @@ class VideoTokenizer(nn.Module):
         decoded from the window of tokens ending at t (sliding windows, batched over all t at
         once): a clip of any length decodes as its frames would inside the window.
         """
-        window = self.config.max_frames
-        b, t, _ = tokens.shape
-        if t <= window:
-            return self.decode_codes(self.fsq.ids_to_codes(tokens))
-        # Windows ending at frames window-1 .. t-1; the first window also yields frames 0..window-2.
-        windows = rearrange(tokens.unfold(1, window, 1), "b n p w -> (b n) w p")  # [B*n, window, P]
-        decoded = self.decode_codes(self.fsq.ids_to_codes(windows))  # [B*n, window, C, H, W]
-        decoded = rearrange(decoded, "(b n) w c h x -> b n w c h x", b=b)  # [B, n, window, C, H, W]
-        return torch.cat([decoded[:, 0, :-1], decoded[:, :, -1]], dim=1)  # [B, T, C, H, W]
+        return over_time_windows(lambda ids: self.decode_codes(self.fsq.ids_to_codes(ids)), tokens, self.config.max_frames)
 
     def forward(self, frames: Tensor) -> tuple[Tensor, Tensor]:
         """Frames [B, T, C, H, W] -> (reconstruction [B, T, C, H, W], tokens [B, T, P])."""
