@@ -111,12 +111,25 @@ def evaluated(project, tmp_path_factory):
     return results
 
 
+def test_the_floor_margins_carry_paired_intervals_around_the_scores(evaluated):
+    dynamics, headline = evaluated["pong"]["dynamics"], evaluated["pong"]["headline"]
+    margins = {h: dynamics["rollout"]["fg_psnr"][h] - dynamics["copy_last_frame"]["fg_psnr"][h]
+               for h in dynamics["rollout"]["fg_psnr"]}
+    assert set(dynamics["rollout_minus_copy_fg_psnr_ci"]) == set(margins)
+    for h, (low, high) in dynamics["rollout_minus_copy_fg_psnr_ci"].items():
+        assert low <= margins[h] + 1e-9 and margins[h] <= high + 1e-9, h
+    worst = min(margins.values())
+    assert headline["rollout_minus_copy_fg_psnr_min"] == pytest.approx(worst)
+    assert headline["rollout_minus_copy_fg_psnr_min_low"] <= worst + 1e-9 <= headline["rollout_minus_copy_fg_psnr_min_high"] + 2e-9
+
+
 def test_writes_every_metric_finite_to_the_json(project, evaluated):
     written = json.loads(Layout(project).metrics("evaluate").read_text())
     assert written == json.loads(json.dumps(evaluated))
     objects = ("tokenizer.fg_psnr", "tokenizer.fg_recall", "tokenizer.fg_recall_low", "tokenizer.fg_recall_high",
                "dynamics.next_frame.fg_psnr", "dynamics.delta_fg_psnr", "headline.tokenizer_fg_recall",
-               "headline.rollout_minus_copy_fg_psnr_min")
+               "headline.rollout_minus_copy_fg_psnr_min", "headline.rollout_minus_copy_fg_psnr_min_low",
+               "headline.rollout_minus_copy_fg_psnr_min_high")
     for name in ("pong", "plain", "mean"):
         flat = flatten(written[name])
         for key in ("tokenizer.psnr", "tokenizer.ssim", "tokenizer.codebook_used", "lam.entropy_nats",
@@ -316,6 +329,10 @@ def test_results_table_says_which_goals_each_dataset_meets(project, evaluated):
     assert "(moves:" not in goals_table(good)  # a headline from before 0.3.9 has no change scores
     moves = f"(moves: precision {pong['rollout_change_precision']:.2f}, recall {pong['rollout_change_recall']:.2f})"
     assert moves in table.splitlines()[5]
+    worst = (f"{pong['rollout_minus_copy_fg_psnr_min']:+.2f} dB at worst [{pong['rollout_minus_copy_fg_psnr_min_low']:+.2f}"
+             f" to {pong['rollout_minus_copy_fg_psnr_min_high']:+.2f}]")
+    assert worst in table.splitlines()[5]  # the floor goal's worst margin with its 95% interval
+    assert "at worst [" not in goals_table(good)  # nor an interval of it (0.3.10)
     result = CliRunner().invoke(app, ["results", "--metrics", str(Layout(project).metrics("evaluate"))])
     assert result.exit_code == 0 and result.output.strip() == table
     missing = CliRunner().invoke(app, ["results", "--metrics", str(project / "nope.json")])

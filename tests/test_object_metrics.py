@@ -228,6 +228,42 @@ def test_paired_delta_ci_excludes_zero_when_inferred_actions_are_consistently_be
     assert low < 0 < high
 
 
+def test_psnr_margins_per_column_and_at_worst_with_a_paired_bootstrap():
+    rng = np.random.default_rng(4)
+    clips, horizons = 30, 4
+    counts = np.full((clips, horizons), 48.0)
+    difficulty = 10 ** rng.uniform(1, 3.5, size=(clips, 1))  # a clip is hard at every horizon
+    copy_sq = counts * difficulty * np.array([1.0, 2.0, 3.0, 4.0])  # copying gets worse with the horizon
+    # A model that gains 1.3-1.8 dB at every horizon but the third, where it is ~0.9 dB worse.
+    gain = np.array([0.7, 0.7, 1.25, 0.7]) * rng.uniform(0.95, 1.05, size=(clips, horizons))
+    model_sq = copy_sq * gain
+    margins = O.bootstrap_psnr_margins_ci(model_sq, counts, copy_sq, counts, resamples=400)
+    expected = [O.pooled_psnr(model_sq[:, k], counts[:, k]) - O.pooled_psnr(copy_sq[:, k], counts[:, k])
+                for k in range(horizons)]
+    assert margins.margin == pytest.approx(expected)
+    assert np.all(margins.low <= margins.margin) and np.all(margins.margin <= margins.high)
+    assert margins.low[0] > 0 and margins.high[2] < 0  # paired, the clips' difficulty cancels
+    worst, low, high = margins.worst
+    assert worst == pytest.approx(expected[2]) and low <= worst <= high < 0
+    # The interval of the minimum is that of the minimum over resamples, not of one column:
+    # two columns that tie make the worst margin's interval lower than either column's.
+    tied = O.bootstrap_psnr_margins_ci(model_sq[:, [0, 1]], counts[:, :2], copy_sq[:, [0, 1]], counts[:, :2],
+                                       resamples=400)
+    assert tied.worst[1] < min(tied.low) and tied.worst[0] == pytest.approx(min(tied.margin))
+    again = O.bootstrap_psnr_margins_ci(model_sq, counts, copy_sq, counts, resamples=400)
+    assert again.worst == margins.worst and np.array_equal(again.low, margins.low)  # deterministic for a seed
+    # A horizon where neither condition shows any object has no margin, and so no worst one.
+    blank = counts.copy()
+    blank[:, 1] = 0
+    holed = O.bootstrap_psnr_margins_ci(model_sq * (blank > 0), blank, copy_sq * (blank > 0), blank, resamples=50)
+    assert math.isnan(holed.margin[1]) and math.isnan(holed.low[1]) and not math.isnan(holed.margin[0])
+    assert math.isnan(holed.worst[0])
+    # A condition without error is +inf dB; with a cap it counts as the cap, as reported scores do.
+    exact = O.bootstrap_psnr_margins_ci(model_sq, counts, copy_sq * 0, counts, resamples=50, cap=100.0)
+    model_psnr = np.array([O.pooled_psnr(model_sq[:, k], counts[:, k]) for k in range(horizons)])
+    assert exact.margin == pytest.approx(model_psnr - 100.0)
+
+
 def test_delta_psnr_is_the_per_item_difference():
     assert O.delta_psnr([20.0, 30.0], [18.0, 31.0]).tolist() == [2.0, -1.0]
     assert O.delta_psnr(torch.tensor([[25.0]]), np.array([[20.0]])).shape == (1, 1)
@@ -308,6 +344,10 @@ FRAMES = clip(BG, [1, 2])
         (lambda: O.bootstrap_pooled_psnr_ci([1.0], [1.0], resamples=0), "resamples"),
         (lambda: O.bootstrap_delta_psnr_ci([1.0], [1.0], [1.0, 2.0], [1.0, 1.0]), "random_sq_error_sums"),
         (lambda: O.delta_psnr([1.0], [1.0, 2.0]), "psnr_with_random"),
+        (lambda: O.bootstrap_psnr_margins_ci([1.0], [1.0], [1.0], [1.0]), "a_sq_error_sums"),
+        (lambda: O.bootstrap_psnr_margins_ci(np.zeros((0, 2)), np.zeros((0, 2)), [[1.0]], [[1.0]]), "a_sq_error_sums"),
+        (lambda: O.bootstrap_psnr_margins_ci([[1.0]], [[1.0]], [[1.0, 2.0]], [[1.0, 1.0]]), "b_sq_error_sums"),
+        (lambda: O.bootstrap_psnr_margins_ci([[1.0]], [[-1.0]], [[1.0]], [[1.0]]), "a_counts"),
         (lambda: O.summarize_foreground({"fg_psnr": [1.0]}), "scores"),
         (lambda: O.displacement_sign([1.0]), "positions"),
         (lambda: O.displacement_sign([1.0, 2.0], dead_zone=-1), "dead_zone"),

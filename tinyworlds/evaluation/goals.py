@@ -32,10 +32,13 @@ def _known(*values: float) -> bool:
     return all(math.isfinite(v) for v in values)
 
 
-def _range(headline: dict[str, Any], key: str, digits: int = 3) -> str:
-    """' [low-high]': the 95% interval of `key`, or '' where the headline has none (older runs)."""
+def _range(headline: dict[str, Any], key: str, digits: int = 3, *, signed: bool = False) -> str:
+    """' [low-high]' (signed: ' [+low to +high]'): the 95% interval of `key`, or '' where the
+    headline has none (older runs)."""
     low, high = _get(headline, f"{key}_low"), _get(headline, f"{key}_high")
-    return f" [{low:.{digits}f}-{high:.{digits}f}]" if _known(low, high) else ""
+    if not _known(low, high):
+        return ""
+    return f" [{low:+.{digits}f} to {high:+.{digits}f}]" if signed else f" [{low:.{digits}f}-{high:.{digits}f}]"
 
 
 def _moves(headline: dict[str, Any]) -> str:
@@ -59,7 +62,8 @@ GOALS = (
                    f"({_get(h, 'lam_nmi_over_ceiling'):.2f}{_range(h, 'lam_nmi_over_ceiling', 2)})",
          lambda h: _get(h, "lam_nmi_over_ceiling") >= 2 / 3 if _known(_get(h, "lam_nmi_over_ceiling")) else None),
     Goal("rollout beats copying the last real frame on the objects at every horizon",
-         lambda h: f"{_get(h, 'rollout_minus_copy_fg_psnr_min'):+.2f} dB at worst{_moves(h)}",
+         lambda h: f"{_get(h, 'rollout_minus_copy_fg_psnr_min'):+.2f} dB at worst"
+                   f"{_range(h, 'rollout_minus_copy_fg_psnr_min', 2, signed=True)}{_moves(h)}",
          lambda h: _get(h, "rollout_minus_copy_fg_psnr_min") > 0),
     Goal("controls matter: fg ΔtPSNR >= 1 dB, 95% interval above 0",
          lambda h: f"{_get(h, 'delta_fg_psnr'):+.2f} dB (low {_get(h, 'delta_fg_psnr_low'):+.2f})",

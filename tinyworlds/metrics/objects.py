@@ -349,13 +349,15 @@ def bootstrap_block_ci(
     return _interval(estimate, resampled, level) if resampled.size else (estimate, math.nan, math.nan)
 
 
-def _pieces(sq_error_sums: Any, counts: Any, where: str, prefix: str = "") -> tuple[np.ndarray, np.ndarray]:
-    """Validated per-item pooled pieces: two float64 arrays [N]."""
+def _pieces(sq_error_sums: Any, counts: Any, where: str, prefix: str = "", *,
+            columns: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Validated pooled pieces: two float64 arrays, [N] per item or, with `columns`, [N, K]."""
     sq = _numbers(sq_error_sums, f"{prefix}sq_error_sums", where)
     n = _numbers(counts, f"{prefix}counts", where)
     _same_shape(sq, n, f"{prefix}sq_error_sums,{prefix}counts", where)
-    if sq.ndim != 1:
-        raise TinyWorldsError(f"{where}: {prefix}sq_error_sums must be 1-D over items [N], got shape {list(sq.shape)}")
+    if sq.ndim != (2 if columns else 1):
+        shape = "2-D [N items, K columns]" if columns else "1-D over items [N]"
+        raise TinyWorldsError(f"{where}: {prefix}sq_error_sums must be {shape}, got shape {list(sq.shape)}")
     if (n < 0).any() or (sq < 0).any() or not np.isfinite(sq).all() or not np.isfinite(n).all():
         raise TinyWorldsError(f"{where}: {prefix}sq_error_sums and {prefix}counts must be finite and >= 0")
     return sq, n
@@ -490,6 +492,72 @@ def bootstrap_delta_psnr_ci(
     with np.errstate(invalid="ignore"):
         resampled = _pooled_over_resamples(sq_a, n_a, indices) - _pooled_over_resamples(sq_b, n_b, indices)
     return _interval(pooled_psnr(sq_a, n_a) - pooled_psnr(sq_b, n_b), resampled, level)
+
+
+class Margins(NamedTuple):
+    """`bootstrap_psnr_margins_ci`: per column (horizon) [K] and the smallest over them."""
+
+    margin: np.ndarray  # [K] pooled PSNR of A minus that of B
+    low: np.ndarray  # [K]
+    high: np.ndarray  # [K]
+    worst: tuple[float, float, float]  # (estimate, low, high) of min over the K margins
+
+
+def _pooled_columns(sq: np.ndarray, n: np.ndarray) -> np.ndarray:
+    """Pooled PSNR per column over the items axis (-2): [..., N, K] -> [..., K]; NaN where a
+    column counts nothing."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return _psnr_of_mse(sq.sum(axis=-2) / n.sum(axis=-2))
+
+
+def bootstrap_psnr_margins_ci(
+    a_sq_error_sums: Any,
+    a_counts: Any,
+    b_sq_error_sums: Any,
+    b_counts: Any,
+    *,
+    resamples: int = 1000,
+    level: float = 0.95,
+    seed: int = 0,
+    cap: float | None = None,
+) -> Margins:
+    """How far condition A is above condition B in pooled PSNR, per column, and at worst.
+
+    Takes each condition's pooled pieces [N items, K columns] (`fg_sq_error_sum` and
+    `fg_count` of each clip at each horizon, say), item i being the same clip in both. The
+    estimate of column k is pooled PSNR of A minus that of B over every item, as the per-column
+    pooled PSNRs give it; `worst` is the smallest of the K. A paired percentile bootstrap draws
+    one set of item indices per resample and uses it in both conditions and every column, so
+    the interval of the worst margin is that of the minimum itself, not of one column chosen
+    after looking. Resamples where a margin is undefined (a column counting nothing, or no
+    error in both conditions) are left out of that margin's interval, and NaN bounds mean none
+    was defined. With `cap`, a pooled PSNR above it (+inf where a condition has no error)
+    counts as `cap`, as in scores reported with a cap. Deterministic for a seed.
+    """
+    where = "bootstrap_psnr_margins_ci"
+    sq_a, n_a = _pieces(a_sq_error_sums, a_counts, where, "a_", columns=True)
+    sq_b, n_b = _pieces(b_sq_error_sums, b_counts, where, "b_", columns=True)
+    _same_shape(sq_a, sq_b, "a_sq_error_sums,b_sq_error_sums", where)
+    _bootstrap_settings(resamples, level, where)
+    columns = sq_a.shape[1]
+
+    def pooled(sq: np.ndarray, n: np.ndarray) -> np.ndarray:
+        psnr = _pooled_columns(sq, n)
+        return psnr if cap is None else np.minimum(psnr, cap)
+
+    with np.errstate(invalid="ignore"):
+        margin = pooled(sq_a, n_a) - pooled(sq_b, n_b)  # [K]
+        indices = _resample_indices(sq_a.shape[0], int(resamples), seed)  # [R, N], shared by both and every column
+        resampled = pooled(sq_a[indices], n_a[indices]) - pooled(sq_b[indices], n_b[indices])  # [R, K]
+    low, high = np.full(columns, math.nan), np.full(columns, math.nan)
+    for k in range(columns):
+        defined = resampled[~np.isnan(resampled[:, k]), k]
+        if defined.size:
+            _, low[k], high[k] = _interval(0.0, defined, level)
+    complete = resampled[~np.isnan(resampled).any(axis=1)]  # [R', K]
+    worst_estimate = float(margin.min()) if not np.isnan(margin).any() else math.nan
+    worst = _interval(worst_estimate, complete.min(axis=1), level) if complete.size else (worst_estimate, math.nan, math.nan)
+    return Margins(margin, low, high, worst)
 
 
 # ---------------------------------------------------------------------------------------------
