@@ -106,7 +106,10 @@ def test_balanced_is_deterministic(tmp_path):
     a = record_gameplay("pong", tmp_path / "a" / "p.mp4", frames=200, seed=7, policy="balanced")
     b = record_gameplay("pong", tmp_path / "b" / "p.mp4", frames=200, seed=7, policy="balanced")
     c = record_gameplay("pong", tmp_path / "c" / "p.mp4", frames=200, seed=8, policy="balanced")
-    assert a.video.read_bytes() == b.video.read_bytes() and a.actions.read_bytes() == b.actions.read_bytes()
+    # The policy and the emulator first, then the encoder, so that a failure says which differed
+    # (the video bytes differed once in one full CI run, 0.3.10, and in none of 100 reruns since).
+    assert a.actions.read_bytes() == b.actions.read_bytes()
+    assert a.video.read_bytes() == b.video.read_bytes()
     assert json.loads(a.actions.read_text())["actions"] != json.loads(c.actions.read_text())["actions"]
 
 
