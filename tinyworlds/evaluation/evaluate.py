@@ -244,12 +244,19 @@ def split_transitions(path_latent: Path, path_frames: Path, split: SplitConfig, 
 # metrics
 
 
+def foreground_scores(prediction: torch.Tensor, truth: torch.Tensor, background: np.ndarray,
+                      config: EvaluateConfig) -> dict[str, np.ndarray]:
+    """`O.foreground_scores` of uint8 predictions against the truth [..., C, H, W] -> arrays [...]."""
+    return O.foreground_scores(channels_last(prediction), channels_last(truth), background, config.foreground_threshold)
+
+
 def foreground_summary(prediction: torch.Tensor, truth: torch.Tensor, background: np.ndarray,
-                       config: EvaluateConfig) -> dict[str, float]:
+                       config: EvaluateConfig, scores: dict[str, np.ndarray] | None = None) -> dict[str, float]:
     """Foreground PSNR / recall / precision with 95% intervals, and pooled pixel PSNR, of
-    predictions against the truth, uint8 [B, ..., C, H, W] with clips first."""
-    scores = O.foreground_scores(channels_last(prediction), channels_last(truth), background,
-                                 config.foreground_threshold)
+    predictions against the truth, uint8 [B, ..., C, H, W] with clips first. `scores`: their
+    `foreground_scores` where the caller has them already."""
+    if scores is None:
+        scores = foreground_scores(prediction, truth, background, config)
     summary = O.summarize_foreground(scores, resamples=config.bootstrap_resamples, seed=config.seed)
     error = ((prediction.double() - truth.double()) ** 2).mean().item()
     summary["psnr"] = float(10 * np.log10(255.0**2 / error)) if error > 0 else float("inf")
@@ -346,13 +353,15 @@ def interval(name: str, statistic: Callable[[np.ndarray], float], num_items: int
 
 
 def horizon_rows(name: str, condition: str, frames: torch.Tensor, future: torch.Tensor, background: np.ndarray,
-                 config: EvaluateConfig, moved: torch.Tensor, true_moved: torch.Tensor) -> list[dict[str, Any]]:
+                 config: EvaluateConfig, scores: dict[str, np.ndarray], moved: torch.Tensor,
+                 true_moved: torch.Tensor) -> list[dict[str, Any]]:
     """One row per horizon h = 1..k: the condition's frames [B, k, C, H, W] scored against the
-    real ones at h, and where they move (patches [B, k, P], `moved_patches`) against where the
-    real ones move."""
+    real ones at h (from their `foreground_scores`, arrays [B, k]), and where they move (patches
+    [B, k, P], `moved_patches`) against where the real ones move."""
     rows = []
     for h in range(frames.shape[1]):
-        summary = foreground_summary(frames[:, h], future[:, h], background, config)
+        at_h = {key: values[:, h] for key, values in scores.items()}  # each [B]
+        summary = foreground_summary(frames[:, h], future[:, h], background, config, at_h)
         changes = M.change_agreement(moved[:, h], true_moved[:, h])
         rows.append({"dataset": name, "condition": condition, "horizon": h + 1, **summary, **changes})
     return rows
@@ -410,25 +419,26 @@ def dynamics_metrics(world: WorldModel, name: str, held: HeldOutClips, tokens: t
     moved = {condition: M.moved_patches(frames[condition], M.frame_steps(frames[condition], last_real), patch, tolerance)
              for condition in CONDITIONS}  # each [B, k, P]
     true_moved = M.moved_patches(future, M.frame_steps(future, last_real), patch, tolerance)  # [B, k, P]
+    # Each condition's object scores at every horizon, once: the rows, ΔtPSNR and the floor margins read them.
+    scores = {condition: foreground_scores(frames[condition], future, held.background, config)
+              for condition in CONDITIONS}  # each {name: [B, k]}
     rows = [row for condition in CONDITIONS
             for row in horizon_rows(name, condition, frames[condition], future, held.background, config,
-                                    moved[condition], true_moved)]
+                                    scores[condition], moved[condition], true_moved)]
     table = {condition: {f"h{r['horizon']}": r for r in rows if r["condition"] == condition} for condition in CONDITIONS}
 
     # Genie's ΔtPSNR on the objects at t: the LAM's ids against random ones, paired over clips.
     t = config.delta_psnr_horizon
-    pieces = [O.foreground_scores(channels_last(frames[key][:, t - 1]), channels_last(future[:, t - 1]),
-                                  held.background, config.foreground_threshold) for key in ("rollout", "random_ids")]
-    delta, low, high = O.bootstrap_delta_psnr_ci(pieces[0]["fg_sq_error_sum"], pieces[0]["fg_count"],
-                                                 pieces[1]["fg_sq_error_sum"], pieces[1]["fg_count"],
+    by_lam, by_random = scores["rollout"], scores["random_ids"]  # rollouts on the LAM's ids, on random ones
+    delta, low, high = O.bootstrap_delta_psnr_ci(by_lam["fg_sq_error_sum"][:, t - 1], by_lam["fg_count"][:, t - 1],
+                                                 by_random["fg_sq_error_sum"][:, t - 1], by_random["fg_count"][:, t - 1],
                                                  resamples=config.bootstrap_resamples, seed=config.seed)
     next_frame = foreground_summary(rearrange(teacher_forced, "(b k) 1 ... -> b k ...", b=b), future,
                                     held.background, config)
     # The floor goal: the rollout over copying the last real frame at every horizon, paired over clips.
-    floor_pieces = [O.foreground_scores(channels_last(frames[key]), channels_last(future), held.background,
-                                        config.foreground_threshold) for key in ("rollout", "copy_last_frame")]
-    margins = O.bootstrap_psnr_margins_ci(floor_pieces[0]["fg_sq_error_sum"], floor_pieces[0]["fg_count"],
-                                          floor_pieces[1]["fg_sq_error_sum"], floor_pieces[1]["fg_count"],
+    rollout, floor = scores["rollout"], scores["copy_last_frame"]
+    margins = O.bootstrap_psnr_margins_ci(rollout["fg_sq_error_sum"], rollout["fg_count"],
+                                          floor["fg_sq_error_sum"], floor["fg_count"],
                                           resamples=config.bootstrap_resamples, seed=config.seed,
                                           cap=PSNR_CAP)  # [k] per horizon, capped as the scores are
     out = {
@@ -458,9 +468,8 @@ def headline(tokenizer: dict[str, Any], lam: dict[str, Any], dynamics: dict[str,
         "tokenizer_fg_recall": tokenizer["fg_recall"],
         "tokenizer_fg_psnr": tokenizer["fg_psnr"],
         "rollout_minus_copy_fg_psnr_min": float(min(margins)),
-        # 95% interval of that worst margin (evaluations before 0.3.10 have none)
-        **{key: dynamics[key] for key in ("rollout_minus_copy_fg_psnr_min_low", "rollout_minus_copy_fg_psnr_min_high")
-           if key in dynamics},
+        "rollout_minus_copy_fg_psnr_min_low": dynamics["rollout_minus_copy_fg_psnr_min_low"],  # its 95% interval
+        "rollout_minus_copy_fg_psnr_min_high": dynamics["rollout_minus_copy_fg_psnr_min_high"],
         "delta_fg_psnr": dynamics["delta_fg_psnr"],
         "delta_fg_psnr_low": dynamics["delta_fg_psnr_low"],
         "rollout_change_precision": dynamics["rollout_changes"]["change_precision"],
