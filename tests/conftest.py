@@ -111,8 +111,10 @@ def save_tiny_models(models_dir: Path, num_actions: int = NUM_ACTIONS, seed: int
     shared = dict(frame_size=SIZE, channels=3, patch_size=4, embed_dim=32, num_heads=2, encoder_blocks=1,
                   decoder_blocks=1, max_frames=WINDOW)
     tokenizer = VideoTokenizer(TokenizerConfig(**shared, levels=(4, 4)))
-    lam_levels = {4: (2, 2), 8: (2, 2, 2)}[num_actions]
-    actions = LatentActionModel(LatentActionConfig(**shared, levels=lam_levels))
+    # 3: still and the two signs along a video's direction (readout.json is the caller's to write).
+    lam = {3: dict(levels=(3, 3), antisymmetric=True, readout="direction"), 4: dict(levels=(2, 2)),
+           8: dict(levels=(2, 2, 2))}[num_actions]
+    actions = LatentActionModel(LatentActionConfig(**shared, **lam))
     dynamics = DynamicsModel(DynamicsConfig(
         vocab_size=tokenizer.vocab_size, num_patches=tokenizer.num_patches, num_actions=actions.num_actions,
         embed_dim=32, num_heads=2, num_blocks=1, max_frames=WINDOW,

@@ -5,7 +5,17 @@ import torch
 from tests.conftest import fit
 from tinyworlds.core.errors import TinyWorldsError
 from tinyworlds.models import LatentActionConfig, LatentActionModel
-from tinyworlds.models.lam import mean_abs_correlation, slowness, standard_penalty, whiten_per_group
+from tinyworlds.models.lam import (
+    NEGATIVE,
+    POSITIVE,
+    STILL,
+    mean_abs_correlation,
+    slowest_direction,
+    slowness,
+    slowness_along,
+    standard_penalty,
+    whiten_per_group,
+)
 
 TINY = dict(frame_size=16, patch_size=4, embed_dim=32, num_heads=2, encoder_blocks=1, decoder_blocks=1,
             levels=(2, 2), max_frames=4)
@@ -106,6 +116,24 @@ def test_persistence_weight_adds_the_latent_slowness_to_the_loss():
     assert (losses[2.0] - losses[0.0]).item() == pytest.approx(2.0 * metrics["latent_slowness"].item(), rel=1e-4)
     losses[2.0].backward()
     assert model.to_latent.weight.grad.abs().sum() > 0
+
+
+def test_slowest_persistence_holds_one_direction_and_leaves_the_others_free():
+    from einops import rearrange
+
+    latents = held_and_placed_latents(600)  # [600, 2]: a held direction and a place, mixed
+    clips = rearrange(latents, "(b n) l -> b n l", n=3)  # [200, 3, 2]
+    before, after = rearrange(clips[:, :-1], "b n l -> (b n) l"), rearrange(clips[:, 1:], "b n l -> (b n) l")
+    values, _ = slowness_along(before, after)
+    assert values[0] < 0.25 and values[1] > 0.8  # the held direction, then the place
+    assert slowness(clips) == pytest.approx(values.mean().item(), abs=0.1)  # "each": both, as if one
+    frames = moving_squares(batch=4)
+    each, each_metrics = tiny_lam(persistence_weight=1.0).loss(frames)
+    slowest, slowest_metrics = tiny_lam(persistence_weight=1.0, persistence="slowest").loss(frames)
+    # Same weights (same seed): the losses differ by the persistence terms alone.
+    assert (slowest - each).item() == pytest.approx((slowest_metrics["latent_slowness"] - each_metrics["latent_slowness"]).item(), abs=1e-5)
+    assert slowest_metrics["latent_slowness"] <= each_metrics["latent_slowness"] + 1e-6  # the least, not the mean
+    slowest.backward()
 
 
 def test_masking_spares_the_anchor_frame():
@@ -259,6 +287,9 @@ def test_loss_backward_under_bf16_autocast():
         ({"decoder_context": "frame", "mask_ratio": 0.5}, "LatentActionConfig.mask_ratio=0.5: needs decoder_context: clip"),
         ({"persistence_weight": -1.0}, "LatentActionConfig.persistence_weight=-1.0: must be >= 0"),
         ({"persistence_weight": 1.0, "max_frames": 2}, "LatentActionConfig.persistence_weight=1.0: needs clips of 3 frames"),
+        ({"readout": "sign"}, "LatentActionConfig.readout='sign': must be one of codes, direction"),
+        ({"persistence": "all"}, "LatentActionConfig.persistence='all': must be one of each, slowest"),
+        ({"readout": "direction"}, "LatentActionConfig.readout='direction': direction needs odd FSQ levels"),
     ],
 )
 def test_config_errors_name_the_field(overrides, message):
@@ -311,3 +342,72 @@ def test_a_non_finite_latent_gives_a_non_finite_loss_not_an_exception():
         model.to_latent.bias.fill_(float("nan"))
     loss, _ = model.loss(moving_squares(batch=4), torch.arange(4) % 2)
     assert not torch.isfinite(loss)  # the training loop stops with "loss became non-finite at step N"
+
+
+def held_and_placed_latents(count=4000, seed=0):
+    """Latents [N, 2] of a run of transitions: along (1, 1) a direction held for 10 steps at a
+    time (+1 or -1), along (1, -1) a place that is new at every step, as a LAM's two whitened
+    dimensions mix them."""
+    rng = np.random.default_rng(seed)
+    held = np.repeat(rng.choice([-1.0, 1.0], count // 10), 10)  # [N]
+    place = rng.normal(size=count)  # [N]
+    return torch.from_numpy(np.stack([held + place, held - place], axis=1) / np.sqrt(2))  # [N, 2]
+
+
+def test_slowest_direction_finds_the_held_one_not_the_place():
+    latents = held_and_placed_latents()
+    direction, held_slowness = slowest_direction(latents[:-1], latents[1:])
+    assert torch.allclose(direction, torch.tensor([1.0, 1.0]) / np.sqrt(2), atol=0.05)  # sign: largest component > 0
+    # Half the 10-step blocks flip the sign: E[Δ²] / 2E[z²] = (4 / 20) / 2.
+    assert held_slowness == pytest.approx(0.1, abs=0.03)
+    flipped, _ = slowest_direction(-latents[:-1], -latents[1:])
+    assert torch.equal(flipped, direction)  # the sign is fixed, not the data's
+    _, forgetful = slowest_direction(latents[1:], latents[torch.randperm(len(latents) - 1) + 1])
+    assert forgetful > 0.4  # shuffled, no direction is held
+    with pytest.raises(TinyWorldsError, match="needs more than 2 pairs of consecutive transitions"):
+        slowest_direction(latents[:2], latents[1:3])
+
+
+def test_direction_readout_gives_still_and_the_two_signs():
+    model = tiny_lam(levels=(3, 3), antisymmetric=True, readout="direction")
+    assert model.num_actions == 3
+    direction = torch.tensor([1.0, 1.0]) / np.sqrt(2)
+    latents = torch.tensor([[0.1, -0.2], [2.0, 0.3], [-0.4, -1.5], [3.0, -1.0], [-3.0, 1.0]])
+    ids = model.read_ids(latents, direction)
+    assert ids.tolist() == [STILL, POSITIVE, NEGATIVE, POSITIVE, NEGATIVE]  # the middle FSQ code is still
+    assert (model.read_ids(-latents, direction) == 2 - ids).all()  # backwards: the opposite id
+    frames = moving_squares()
+    inferred = model.infer(frames, direction)
+    assert inferred.shape == (8, 3) and torch.equal(model.infer(frames.flip(1), direction), 2 - inferred.flip(1))
+    with pytest.raises(TinyWorldsError, match="readout: direction needs the slowest direction"):
+        model.infer(frames)
+    codes = tiny_lam(levels=(3, 3), antisymmetric=True)
+    assert codes.num_actions == 9 and codes.read_ids(latents, direction).max() > 2  # codes ignore a direction
+
+
+def test_the_readout_is_fitted_on_consecutive_training_transitions_only():
+    from tinyworlds.data.clips import TRAIN, VAL, SplitConfig, frame_labels
+    from tinyworlds.inference.latent_actions import consecutive_pairs, fit_readout, readout_direction
+
+    latents = held_and_placed_latents(3000).numpy()
+    latents[100] = np.nan  # a transition with no latent (past the end, or over a cut)
+    labels = np.full(3000, TRAIN)
+    labels[1000:1300] = VAL
+    pairs = consecutive_pairs(latents, 2, labels)
+    assert 99 in pairs and not {98, 100}.intersection(pairs)  # 100 unknown: 98 -> 100 and 100 -> 102 go
+    assert not set(range(996, 1300)).intersection(pairs)  # t, t + 2 and t + 4 must all be training frames
+    assert pairs.max() == 3000 - 1 - 4  # frame t + 4 must exist
+    # No labels: every pair t, t + 1 of known latents, t <= N - 2, less the two that touch 100.
+    assert len(consecutive_pairs(latents, 1)) == 3000 - 1 - 2
+    split = SplitConfig(val_fraction=0.25, block_frames=500, gap_frames=10)
+    # A second video whose held-out frames hold the opposite structure must not move its direction.
+    other = latents[:, ::-1].copy()
+    other[frame_labels(3000, split) == VAL] *= np.array([1.0, -1.0], dtype=np.float32)
+    readout = fit_readout({"a": latents, "b": other}, split, 1)
+    for name in ("a", "b"):
+        entry = readout["datasets"][name]
+        assert np.allclose(entry["direction"], [2 ** -0.5, 2 ** -0.5], atol=0.05) and entry["slowness"] < 0.15
+    assert readout["pooled"]["pairs"] == readout["datasets"]["a"]["pairs"] + readout["datasets"]["b"]["pairs"]
+    assert readout_direction(readout, "a") == readout["datasets"]["a"]["direction"]
+    assert readout_direction(readout, "some_video.mp4") == readout_direction(readout, None) == readout["pooled"]["direction"]
+    assert readout_direction(None, "a") is None

@@ -120,8 +120,13 @@ def test_token_cache_matches_the_tokenizer_on_the_frames(project):
 def test_latent_action_cache_labels_every_transition(project):
     layout = Layout(project)
     actions = zarr.open_group(str(layout.latent_actions("pong")), mode="r")["latent_actions"][:]
-    num_actions = load_model(layout.model("lam")).num_actions
-    assert (actions[:-1] >= 0).all() and (actions[:-1] < num_actions).all() and actions[-1] == -1
+    lam = load_model(layout.model("lam"))
+    assert (actions[:-1] >= 0).all() and (actions[:-1] < lam.num_actions).all() and actions[-1] == -1
+    # The default reads still / either sign along each video's slowest direction, fitted after training.
+    assert lam.config.readout == "direction" and lam.num_actions == 3
+    readout = json.loads((layout.model("lam") / "readout.json").read_text())
+    assert set(readout["datasets"]) == set(yaml.safe_load((project / "params.yaml").read_text())["data"]["train_on"])
+    assert all(0 <= entry["slowness"] and entry["pairs"] > 0 for entry in [*readout["datasets"].values(), readout["pooled"]])
 
 
 def test_mlflow_has_one_run_per_stage_grouped_by_pipeline_run(project):
@@ -143,7 +148,8 @@ def test_mlflow_has_one_run_per_stage_grouped_by_pipeline_run(project):
         weights = Layout(project).model(kind) / "model.safetensors"  # the run carries the model DVC cached
         assert by_stage[stage].data.tags[f"tinyworlds.model.{kind}"] == hashlib.sha256(weights.read_bytes()).hexdigest()
     assert {a.path for a in client.list_artifacts(by_stage["train_lam"].info.run_id, "models/lam")} >= {
-        "models/lam/model.safetensors", "models/lam/config.json", "models/lam/action_names.json"}
+        "models/lam/model.safetensors", "models/lam/config.json", "models/lam/action_names.json",
+        "models/lam/readout.json"}
 
 
 def test_no_op_repro_reruns_nothing(project):

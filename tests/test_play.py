@@ -98,7 +98,8 @@ def test_page_is_self_contained(server):
 def test_api_reset_step_and_errors(server):
     status, info = call(server + "api/info")
     assert status == 200 and info["num_actions"] == NUM_ACTIONS and info["frame_size"] == SIZE
-    assert info["keys"]["1"] == 0 and info["keys"]["ArrowRight"] == 3 and info["keys"]["d"] == 3
+    assert info["keys"]["1"] == 0 and info["keys"]["ArrowUp"] == info["keys"]["w"] == 1  # the ids' names say so
+    assert info["keys"]["ArrowDown"] == 2 and "ArrowRight" not in info["keys"]
     assert info["action_labels"] == ["NOOP (pong)", "UP (pong)", "DOWN (pong)", "unused"]
 
     status, game = call(server + "api/reset", {})
@@ -157,6 +158,23 @@ def test_key_map():
         KeyMap.build(8, "jump=1")
 
 
+def test_arrow_keys_follow_the_true_actions_the_ids_are_named_after():
+    from tinyworlds.inference.latent_actions import named_directions
+
+    names = {"datasets": {
+        "pong": {"names": ["LEFT", "NOOP", "RIGHT"], "share": [0.8, 0.9, 0.7]},
+        "breakout": {"names": ["RIGHT", "NOOP", "LEFT"], "share": [0.6, 0.9, 0.9]},
+        "space_invaders": {"names": ["LEFT", "NOOP", "RIGHT"], "share": [0.7, 0.8, 0.6]},
+    }}
+    # LEFT: id 0 (0.8 + 0.7) over id 2 (0.9); RIGHT: id 2 (0.7 + 0.6) over id 0 (0.6).
+    assert named_directions(names) == {"left": 0, "right": 2}
+    keys = KeyMap.build(3, None, named_directions(names)).keys
+    assert keys["ArrowLeft"] == keys["a"] == 0 and keys["ArrowRight"] == 2
+    assert "ArrowUp" not in keys and "ArrowDown" not in keys  # no id is named after them: no guess
+    assert KeyMap.build(3, "up=1", named_directions(names)).keys["ArrowUp"] == 1
+    assert named_directions(None) == {} and KeyMap.build(3).keys["ArrowDown"] == 1  # no names: the defaults
+
+
 def test_start_message():
     local = "\n".join(start_message("127.0.0.1", 8123))
     assert "http://127.0.0.1:8123/" in local and "ssh -L 8123:127.0.0.1:8123" in local and "warning" not in local
@@ -184,7 +202,7 @@ def test_play_in_a_browser(server, browser):
 
     buttons = browser.find_elements(By.CSS_SELECTOR, "button[data-action]")
     assert [b.get_attribute("data-action") for b in buttons] == [str(a) for a in range(NUM_ACTIONS)]
-    assert "→" in buttons[3].text and "D" in buttons[3].text  # the mapping is shown
+    assert "↑" in buttons[1].text and "W" in buttons[1].text  # the mapping is shown (id 1 is named UP)
     assert "UP (pong)" in buttons[1].text and "unused" in buttons[3].get_attribute("class")  # and what ids mean
 
     def advanced_to(n: int, before: str):
@@ -195,7 +213,7 @@ def test_play_in_a_browser(server, browser):
     body.send_keys("3")  # key 3 -> action 2
     wait.until(advanced_to(1, src))
     src = frame.get_attribute("src")
-    body.send_keys(Keys.ARROW_RIGHT)
+    body.send_keys(Keys.ARROW_DOWN)
     wait.until(advanced_to(2, src))
     src = frame.get_attribute("src")
     buttons[1].click()

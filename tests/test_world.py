@@ -5,11 +5,13 @@ import json
 import numpy as np
 import pytest
 import torch
+from einops import rearrange
 
 from tests.conftest import NUM_ACTIONS, SIZE, WINDOW, save_tiny_models, store_frames
 from tinyworlds.core.errors import TinyWorldsError
 from tinyworlds.inference.world import GenerationSettings, WorldModel
 from tinyworlds.models import LatentActionConfig, LatentActionModel, save_model
+from tinyworlds.models.pixels import to_model
 
 
 @pytest.fixture
@@ -95,6 +97,32 @@ def test_world_reads_the_action_names_saved_beside_the_lam(tmp_path):
         json.dumps({"usage": [0.5, 0.0, 0.5] + [0.0] * (NUM_ACTIONS - 3), "datasets": {"breakout": names}}))
     labels = WorldModel.load(tmp_path / "models", device="cpu").action_labels()
     assert labels[:3] == ["LEFT (breakout)", "unused", "RIGHT (breakout)"]
+
+
+def test_a_direction_lam_reads_each_videos_ids_along_its_own_direction(tmp_path):
+    from tinyworlds.inference.latent_actions import READOUT_FILE
+
+    save_tiny_models(tmp_path / "models", num_actions=3)
+    with pytest.raises(TinyWorldsError, match="readout.json: missing"):
+        WorldModel.load(tmp_path / "models", device="cpu")
+    readout = {"datasets": {"pong": {"direction": [1.0, 0.0], "slowness": 0.1, "pairs": 10}},
+               "pooled": {"direction": [0.0, 1.0], "slowness": 0.2, "pairs": 20}}
+    (tmp_path / "models" / "lam" / READOUT_FILE).write_text(json.dumps(readout))
+    world = WorldModel.load(tmp_path / "models", device="cpu")
+    assert world.num_actions == 3
+    frames = rearrange(clip(40)[0].unfold(0, WINDOW, 1), "n c h w t -> n t c h w")  # [37, 4, C, H, W]
+    with torch.no_grad():
+        world.lam.to_latent.weight.mul_(1000)  # latents (~0.004 at init) well outside FSQ's middle level, so most transitions move
+        latents = world.lam.latents(to_model(frames))  # [37, 3, 2]
+    read = {}
+    for dataset, column in (("pong", 0), ("breakout", 1), (None, 1)):  # breakout: not fitted, the pooled one
+        ids = world.infer_actions(frames, dataset)  # [37, 3]
+        moved = ids != 1
+        assert moved.sum() > 20 and torch.equal(ids[moved], torch.where(latents[moved][:, column] > 0, 2, 0))
+        read[dataset] = ids
+    assert not torch.equal(read["pong"], read[None])
+    dream = world.rollout(frames[:1, :3], torch.tensor([[0, 1, 2]]), dataset="pong")
+    assert dream.shape == (1, 3, 3, SIZE, SIZE)
 
 
 def test_unchanged_patches_keep_the_pixels_shown_before():

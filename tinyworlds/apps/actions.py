@@ -86,7 +86,7 @@ def plan_actions(
             raise ParameterError("replay", f"{start.name} has no real continuation of {frames} frames to replay")
         clip = np.concatenate([start.context, start.truth[:frames]])  # [T+F, H, W, C]
         clip = rearrange(torch.from_numpy(clip), "t h w c -> 1 t c h w")
-        ids = world.infer_actions(clip).cpu()  # [1, T+F-1]
+        ids = world.infer_actions(clip, start.dataset).cpu()  # [1, T+F-1]
         t = len(start.context)
         return ActionPlan(repeat(ids[0, t - 1:], "f -> b f", b=batch),
                           repeat(ids[0, : t - 1], "f -> b f", b=batch) if t > 1 else None, "replay")

@@ -178,7 +178,8 @@ def dream(
     with tracking as run:
         context_btchw = repeat(torch.from_numpy(start.context), "t h w c -> b t c h w", b=batch)  # [B, T, C, H, W]
         began = time.perf_counter()
-        dreams = world.rollout(context_btchw, plan.actions, context_actions=plan.context_actions, settings=settings)
+        dreams = world.rollout(context_btchw, plan.actions, context_actions=plan.context_actions, settings=settings,
+                               dataset=start.dataset)
         seconds = time.perf_counter() - began
         dreams = rearrange(dreams.cpu().numpy(), "b f c h w -> b f h w c")  # [B, F, H, W, C]
         score = _psnr(dreams, start.truth) if compare else None

@@ -377,7 +377,7 @@ def dynamics_metrics(world: WorldModel, name: str, held: HeldOutClips, tokens: t
     """
     clips, k, c, bs = held.frames, config.horizon, context, config.batch_size
     b = clips.shape[0]
-    inferred = in_batches(world.infer_actions, clips, batch_size=bs).cpu()  # [B, T-1]: LAM id of each transition
+    inferred = in_batches(lambda x: world.infer_actions(x, name), clips, batch_size=bs).cpu()  # [B, T-1]: LAM id of each transition
     future = clips[:, c:]  # [B, k, C, H, W]
 
     def roll(ctx, actions, ctx_actions):
@@ -584,7 +584,7 @@ def log_videos(run, world: WorldModel, name: str, store_path: Path, background: 
     except TinyWorldsError:
         return  # held-out blocks shorter than a video: the still pictures say enough
     clips = held.frames  # [B, c + F, C, H, W]
-    inferred = world.infer_actions(clips).cpu()  # [B, c + F - 1]
+    inferred = world.infer_actions(clips, name).cpu()  # [B, c + F - 1]
     generator = torch.Generator().manual_seed(config.seed)
     random_ids = torch.randint(0, world.num_actions, (clips.shape[0], config.video_frames), generator=generator)
     with_lam = world.rollout(clips[:, :context], inferred[:, context - 1 :], context_actions=inferred[:, : context - 1],

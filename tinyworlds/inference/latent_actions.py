@@ -14,10 +14,10 @@ import torch
 from einops import rearrange
 
 from tinyworlds.core.atomic import atomic_output
-from tinyworlds.data.clips import open_array
+from tinyworlds.data.clips import TRAIN, SplitConfig, frame_labels, open_array
 from tinyworlds.data.stores import open_frame_store
 from tinyworlds.metrics.objects import merge_equivalent_actions
-from tinyworlds.models.lam import LatentActionModel
+from tinyworlds.models.lam import LatentActionModel, slowest_direction
 from tinyworlds.models.pixels import to_model
 
 
@@ -36,11 +36,12 @@ def window_starts(length: int, clip_len: int) -> list[int]:
 
 
 @torch.inference_mode()
-def label_transitions(model: LatentActionModel, frames, *, clip_len: int, frame_skip: int,
-                      device: torch.device, batch_size: int = 64) -> np.ndarray:
-    """Latent action id of every transition t -> t + frame_skip of a frame array [N, H, W, C]."""
+def transition_latents(model: LatentActionModel, frames, *, clip_len: int, frame_skip: int,
+                       device: torch.device, batch_size: int = 64) -> np.ndarray:
+    """Raw latent [N, L] of every transition t -> t + frame_skip of a frame array [N, H, W, C];
+    NaN where t + frame_skip is past the end."""
     count = frames.shape[0]
-    actions = np.full(count, -1, dtype=np.int16)
+    latents = np.full((count, len(model.config.levels)), np.nan, dtype=np.float32)
     for phase in range(min(frame_skip, count)):
         # Frames phase, phase + skip, ... form one sequence whose transitions are t -> t + skip.
         sequence = np.arange(phase, count, frame_skip)
@@ -55,28 +56,98 @@ def label_transitions(model: LatentActionModel, frames, *, clip_len: int, frame_
             offsets = np.array(batch_starts) - batch_starts[0]
             clips = block[offsets[:, None] + np.arange(length)]  # [B, T, H, W, C]
             clips = rearrange(torch.from_numpy(clips).to(device), "b t h w c -> b t c h w")
-            ids = model.infer(to_model(clips)).cpu().numpy()  # [B, T-1]
-            for start, row in zip(batch_starts, ids):
-                actions[sequence[start : start + length - 1]] = row
+            rows = model.latents(to_model(clips)).float().cpu().numpy()  # [B, T-1, L]
+            for start, row in zip(batch_starts, rows):
+                latents[sequence[start : start + length - 1]] = row
+    return latents
+
+
+def video_latents(model: LatentActionModel, frames_path: Path | str, *, clip_len: int, frame_skip: int,
+                  device: torch.device, storage_options: dict | None = None) -> np.ndarray:
+    """`transition_latents` of a frame store [N, L], NaN also across a drop_idle cut (a jump, not an action)."""
+    latents = transition_latents(model, open_array(frames_path, "frames", storage_options), clip_len=clip_len,
+                                 frame_skip=frame_skip, device=device)
+    segment = open_frame_store(frames_path, storage_options).segment
+    if segment is not None:
+        latents[:-frame_skip][segment[:-frame_skip] != segment[frame_skip:]] = np.nan
+    return latents
+
+
+def consecutive_pairs(latents: np.ndarray, frame_skip: int, labels: np.ndarray | None = None) -> np.ndarray:
+    """Transitions t [n] whose latent and the next one's (t + frame_skip) are known, and (frame
+    split labels [N] given) whose three frames are all in the training split."""
+    known = np.isfinite(latents).all(axis=1)  # [N]
+    t = np.arange(max(len(latents) - frame_skip, 0))
+    ok = known[t] & known[t + frame_skip]
+    if labels is not None:
+        train = np.append(labels == TRAIN, np.zeros(frame_skip, dtype=bool))  # [N + skip]: past the end is not
+        ok &= train[t] & train[t + frame_skip] & train[t + 2 * frame_skip]
+    return t[ok]
+
+
+def fit_direction(latents: list[np.ndarray], pairs: list[np.ndarray], frame_skip: int) -> dict:
+    """`slowest_direction` over the consecutive transitions t, t + frame_skip (`consecutive_pairs`)
+    of one or more videos' latents [N, L]. Returns the readout entry {"direction": [L],
+    "slowness": float, "pairs": int}."""
+    before = np.concatenate([latent[t] for latent, t in zip(latents, pairs)])  # [n, L]
+    after = np.concatenate([latent[t + frame_skip] for latent, t in zip(latents, pairs)])  # [n, L]
+    direction, slowness = slowest_direction(torch.from_numpy(before), torch.from_numpy(after))
+    return {"direction": direction.tolist(), "slowness": slowness, "pairs": len(before)}
+
+
+def read_latent_actions(model: LatentActionModel, latents: np.ndarray, direction: list[float] | None = None) -> np.ndarray:
+    """Latents [N, L] (NaN: none) -> action ids [N] int16 by the model's readout, -1 where none."""
+    known = np.isfinite(latents).all(axis=1)
+    actions = np.full(len(latents), -1, dtype=np.int16)
+    if known.any():
+        along = None if direction is None else torch.tensor(direction)
+        actions[known] = model.read_ids(torch.from_numpy(latents[known]), along).numpy()
     return actions
 
 
-def cache_latent_actions(model: LatentActionModel, frames_path: Path | str, out: Path, *, clip_len: int,
-                         frame_skip: int, device: torch.device, storage_options: dict | None = None) -> np.ndarray:
+def write_latent_actions(out: Path, actions: np.ndarray, *, frames_path: Path | str, num_actions: int,
+                         frame_skip: int, clip_len: int) -> None:
+    """data/latent_actions/NAME.zarr: `latent_actions` [N] beside what they mean; written whole or not at all."""
     import zarr
 
-    actions = label_transitions(model, open_array(frames_path, "frames", storage_options), clip_len=clip_len,
-                                frame_skip=frame_skip, device=device)
-    segment = open_frame_store(frames_path, storage_options).segment
-    if segment is not None:  # a transition over a drop_idle cut is a jump, not an action
-        actions[:-frame_skip][segment[:-frame_skip] != segment[frame_skip:]] = -1
     with atomic_output(out) as tmp:
         group = zarr.open_group(str(tmp), mode="w")
         group.create_array("latent_actions", data=actions, chunks=(min(len(actions), 65536),))
-        group.attrs.update({"frames_store": str(frames_path), "num_actions": model.num_actions,
+        group.attrs.update({"frames_store": str(frames_path), "num_actions": num_actions,
                             "frame_skip": frame_skip, "clip_len": clip_len,
                             "meaning": "latent_actions[t] is the latent action of transition t -> t + frame_skip; -1: none"})
+
+
+def cache_latent_actions(model: LatentActionModel, frames_path: Path | str, out: Path, *, clip_len: int,
+                         frame_skip: int, device: torch.device, storage_options: dict | None = None,
+                         direction: list[float] | None = None) -> np.ndarray:
+    """Label every transition of a frame store and write the ids to `out`; returns them [N]."""
+    latents = video_latents(model, frames_path, clip_len=clip_len, frame_skip=frame_skip, device=device,
+                            storage_options=storage_options)
+    actions = read_latent_actions(model, latents, direction)
+    write_latent_actions(out, actions, frames_path=frames_path, num_actions=model.num_actions,
+                         frame_skip=frame_skip, clip_len=clip_len)
     return actions
+
+
+READOUT_FILE = "readout.json"  # beside the LAM's weights: each video's slowest direction (`readout: direction`)
+
+
+def fit_readout(latents: dict[str, np.ndarray], split: SplitConfig, frame_skip: int) -> dict:
+    """Each video's slowest direction from its training frames' latents [N, L], and one over
+    all of them for clips of other videos: {"datasets": {name: entry}, "pooled": entry}
+    (`fit_direction`). Held-out frames stay out, so the evaluation scores ids it did not fit."""
+    pairs = {name: consecutive_pairs(latent, frame_skip, frame_labels(len(latent), split)) for name, latent in latents.items()}
+    return {"datasets": {name: fit_direction([latents[name]], [pairs[name]], frame_skip) for name in latents},
+            "pooled": fit_direction(list(latents.values()), list(pairs.values()), frame_skip)}
+
+
+def readout_direction(readout: dict | None, dataset: str | None) -> list[float] | None:
+    """The direction to read `dataset`'s ids with: its own, the pooled one for a video the LAM
+    was not fitted on (or None), or None without a readout."""
+    if readout is None:
+        return None
+    return readout["datasets"].get(dataset, readout["pooled"])["direction"]
 
 
 NAMES_FILE = "action_names.json"  # beside the LAM's weights: what each latent id most often is
@@ -116,3 +187,17 @@ def action_labels(names_doc: dict | None, num_actions: int) -> list[str]:
                  if doc["names"][action] is not None]
         labels.append(", ".join(parts))
     return labels
+
+
+def named_directions(names_doc: dict | None) -> dict[str, int]:
+    """{"up" / "down" / "left" / "right": latent id} for the arrow keys, from the true actions
+    the ids most often match (`name_latent_actions`; ALE's names, so Pong's paddle goes up on
+    RIGHT): each direction gets the id with the largest share of it summed over the datasets.
+    Empty without names; a direction no id is named after is left out."""
+    scores: dict[str, dict[int, float]] = {}
+    for doc in (names_doc or {}).get("datasets", {}).values():
+        for action, (name, share) in enumerate(zip(doc["names"], doc["share"])):
+            if name and name.lower() in ("up", "down", "left", "right"):
+                by_id = scores.setdefault(name.lower(), {})
+                by_id[action] = by_id.get(action, 0.0) + share
+    return {direction: max(by_id, key=by_id.get) for direction, by_id in scores.items()}

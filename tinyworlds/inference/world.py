@@ -34,7 +34,7 @@ from einops import rearrange, repeat
 
 from tinyworlds.core.device import pick_device
 from tinyworlds.core.errors import TinyWorldsError
-from tinyworlds.inference.latent_actions import NAMES_FILE, action_labels
+from tinyworlds.inference.latent_actions import NAMES_FILE, READOUT_FILE, action_labels, readout_direction
 from tinyworlds.models.blocks import over_time_windows
 from tinyworlds.models.checkpoint import load_model
 from tinyworlds.models.dynamics import DynamicsModel
@@ -62,6 +62,7 @@ class WorldModel:
     def __init__(self, tokenizer: VideoTokenizer, lam: LatentActionModel, dynamics: DynamicsModel, device: torch.device):
         self.tokenizer, self.lam, self.dynamics, self.device = tokenizer, lam, dynamics, device
         self.action_names: dict | None = None  # lam/action_names.json: what each id most often is
+        self.readout: dict | None = None  # lam/readout.json: each video's direction (`readout: direction`)
         t, d = tokenizer.config, dynamics.config
         if (tokenizer.vocab_size, tokenizer.num_patches) != (d.vocab_size, d.num_patches):
             raise TinyWorldsError(
@@ -92,6 +93,12 @@ class WorldModel:
         names = models_dir / "lam" / NAMES_FILE
         if names.is_file():
             world.action_names = json.loads(names.read_text())
+        if world.lam.config.readout == "direction":
+            readout = models_dir / "lam" / READOUT_FILE
+            if not readout.is_file():
+                raise TinyWorldsError(f"{readout}: missing (the LAM reads its ids along each video's direction); "
+                                      "rerun stage train_lam")
+            world.readout = json.loads(readout.read_text())
         return world
 
     # -- facts ---------------------------------------------------------------------------------
@@ -140,11 +147,16 @@ class WorldModel:
         return to_uint8(self.tokenizer.decode(tokens.to(self.device)))
 
     @torch.inference_mode()
-    def infer_actions(self, frames: torch.Tensor) -> torch.Tensor:
-        """uint8 frames [B, T, C, H, W] -> latent action ids [B, T-1] of each transition."""
+    def infer_actions(self, frames: torch.Tensor, dataset: str | None = None) -> torch.Tensor:
+        """uint8 frames [B, T, C, H, W] -> latent action ids [B, T-1] of each transition.
+        `dataset`: the video they come from, whose direction the ids are read along (another
+        video's or None: the direction pooled over the training videos)."""
         self.check_frames(frames)
+        direction = readout_direction(self.readout, dataset)
+        along = None if direction is None else torch.tensor(direction, device=self.device)
         # Longer than the LAM's window: each transition labelled in the window that ends at it.
-        return over_time_windows(self.lam.infer, to_model(frames.to(self.device)), self.lam.config.max_frames)  # [B, T-1]
+        return over_time_windows(lambda clips: self.lam.infer(clips, along), to_model(frames.to(self.device)),
+                                 self.lam.config.max_frames)  # [B, T-1]
 
     # -- generation ----------------------------------------------------------------------------
     def keep_bias(self, settings: GenerationSettings) -> float:
@@ -163,18 +175,20 @@ class WorldModel:
         *,
         context_actions: torch.Tensor | None = None,
         settings: GenerationSettings = GenerationSettings(),
+        dataset: str | None = None,
     ) -> torch.Tensor:
         """Dream F frames after a context clip.
 
         context: uint8 [B, T, C, H, W]; actions [B, F]: the latent action into each new frame;
-        context_actions [B, T-1] or None (inferred from the context with the LAM when T > 1).
+        context_actions [B, T-1] or None (inferred from the context with the LAM when T > 1,
+        read for `dataset`, see `infer_actions`).
         Returns uint8 [B, F, C, H, W].
         """
         self.check_frames(context, "context")
         actions = actions.to(self.device).long()
         self.check_actions(actions)
         if context_actions is None and context.shape[1] > 1:
-            context_actions = self.infer_actions(context)
+            context_actions = self.infer_actions(context, dataset)
         context_tokens = self.encode(context)  # [B, T, P]
         new_tokens = self.dynamics.generate(
             context_tokens, actions,

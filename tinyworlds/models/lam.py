@@ -73,6 +73,21 @@ decoded frame by frame alone 0.39 / 0.33 / 0.37; with weight 1, clips of 3 x 24,
 ids now follow the move better the longer the LAM trains. A first version penalised the
 change of the whitened latent itself and collapsed to one id (see `slowness`).
 
+Why persist one direction (`persistence: slowest`): the penalty above holds every whitened
+dimension, but only one thing is held by the controls, the direction; the place the paddle
+is in changes at every step, and so does most else a second dimension can say. Averaged over
+both, the penalty is met as well by two half-slow dimensions as by one held and one free,
+and in some runs Pong's latent settled on something slow that is not the player (its
+direction slowness 0.07-0.08 against 0.12-0.14 in the good runs; likely the ball, whose
+direction changes only at a bounce). With the penalty on the slowest direction alone
+(`slowness_along`, the smallest of the whitened latent's slow-feature values), one held
+direction pays and the other dimension is free. NMI with the move sign, read along the
+direction, LAM stage alone, seeds 0 to 5: Pong 0.67 / 0.77 / 0.06 / 0.69 / 0.06 / 0.06 with
+"each", 0.65 / 0.73 / 0.71 / 0.70 / 0.63 / 0.73 with "slowest"; Breakout 0.77-0.92 with both;
+Space Invaders 0.77 / 0.74 / 0.46 / 0.44 / 0.47 / 0.48 and 0.50 / 0.35 / 0.35 / 0.37 / 0.64 /
+0.46. "slowest" with weight 3 holds Space Invaders' direction a little more often (0.49-0.64)
+but lost Pong's in one seed of six (README, "What is known").
+
 Why whiten per video: at this scale the reconstruction loss, early on, pulls every latent
 towards one value the decoder can rely on, and an anti-collapse penalty on the batch's spread
 is met by telling the games in the batch apart (one code per game). So in training the latent
@@ -84,6 +99,24 @@ cannot, so every dimension must split the transitions by something the others do
 and the decoder decides what. A penalty pulls each video's raw latent towards mean 0 and
 covariance I, so by the end whitening changes little and inference (`infer`) uses the raw
 latent with no statistics, on any clip, even a single transition.
+
+Why read the direction (`readout: direction`): trained as above, the LAM puts "which way" in
+its latent, but its 9 FSQ ids do not name it one id per direction. Two whitened dimensions
+cannot both carry one three-valued feature, so the direction lies along a diagonal of the two
+and the second dimension splits each direction by something else (often where the player
+is): each direction spreads over four ids, almost pure, and the NMI with the move sign stays
+near 0.5. The direction is the latent's slowest feature, since a held control keeps it while
+the place changes at every step. So once the LAM is trained, `slowest_direction` finds, per
+video and on its training frames only, the direction along which the raw latent changes
+least between consecutive transitions (slow feature analysis), and a transition's id is STILL
+for the middle FSQ code (the antisymmetric latent's "nothing moved") and otherwise POSITIVE
+or NEGATIVE by the sign of its latent along that direction: 3 ids, and a transition played
+backwards gets the opposite one. Training is unchanged. Measured on 0.3.10's LAM (seed 0,
+held-out transitions, Pong / Breakout / Space Invaders), NMI with the move sign 0.49 / 0.59 /
+0.56 as codes, 0.67 / 0.84 / 0.77 read along the direction; against the true actions, over
+the perfect move detector's, 0.64 / 0.59 / 0.56 -> 0.87 / 0.84 / 0.77. The readout cannot
+make a direction the latent lacks: in the runs where Space Invaders' ids say "the cannon
+moved" and not which way, it stays short (README, "What is known").
 
 Dimension keys: B batch, T time, C channels, H/W pixels, S patch size,
 P patches per frame, E embedding, L FSQ dims (len(levels)), A actions (prod(levels)).
@@ -118,6 +151,10 @@ from tinyworlds.models.fsq import FSQ, id_usage, perplexity
 
 PAIR_ENCODINGS = ("stacked", "sequence")
 DECODER_CONTEXTS = ("clip", "frame")
+PERSISTENCES = ("each", "slowest")
+READOUTS = ("codes", "direction")
+# The ids of `readout: direction`: a move one way, no move, a move the other way.
+NEGATIVE, STILL, POSITIVE = 0, 1, 2
 
 
 @dataclass
@@ -151,6 +188,14 @@ class LatentActionConfig:
     # Loss weight of the change of the whitened latent between consecutive transitions of a
     # clip (slowness, see the module docstring): 0 leaves it out.
     persistence_weight: float = 0.0
+    # What persistence holds (module docstring, "Why persist one direction"): "each" whitened
+    # dimension; "slowest", only the direction along which the latent changes least.
+    persistence: str = "each"
+    # How a transition's action id is read from its latent (module docstring, "Why read the
+    # direction"): "codes", its FSQ code (prod(levels) ids); "direction", 3 ids: still (the
+    # middle code) or the sign of the latent along its slowest direction, which
+    # `slowest_direction` fits per video once the LAM is trained. Training is the same for both.
+    readout: str = "codes"
 
     def __post_init__(self):
         check_frames(self)
@@ -180,6 +225,10 @@ class LatentActionConfig:
               f"needs clips of 3 frames or more (lam.train.clip_len), for consecutive transitions; got {self.max_frames}")
         check_number(self, "change_threshold")
         check(self, "change_threshold", self.change_threshold >= 0, "must be >= 0")
+        check(self, "persistence", self.persistence in PERSISTENCES, f"must be one of {', '.join(PERSISTENCES)}")
+        check(self, "readout", self.readout in READOUTS, f"must be one of {', '.join(READOUTS)}")
+        check(self, "readout", self.readout == "codes" or all(level % 2 == 1 for level in self.levels),
+              f"direction needs odd FSQ levels (a middle level for still); got {list(self.levels)}")
 
 
 class LatentActionModel(nn.Module):
@@ -213,7 +262,8 @@ class LatentActionModel(nn.Module):
 
     @property
     def num_actions(self) -> int:
-        return self.fsq.vocab_size
+        """How many action ids `infer` gives (the readout's), not the FSQ codes it trains with."""
+        return 3 if self.config.readout == "direction" else self.fsq.vocab_size
 
     def latents(self, frames: Tensor) -> Tensor:
         """Frames [B, T, C, H, W] -> raw latent of each transition [B, T-1, L], from its two frames alone."""
@@ -262,9 +312,25 @@ class LatentActionModel(nn.Module):
         return rearrange(alone, "(b t) 1 c h w -> b t c h w", b=frames.shape[0])  # [B, T, C, H, W]
 
     @torch.no_grad()
-    def infer(self, frames: Tensor) -> Tensor:
-        """Frames [B, T, C, H, W] -> action ids LongTensor [B, T-1]. No gradient, no batch statistics."""
-        return self.fsq.codes_to_ids(self.fsq(self.latents(frames)))
+    def infer(self, frames: Tensor, direction: Tensor | None = None) -> Tensor:
+        """Frames [B, T, C, H, W] -> action ids LongTensor [B, T-1]. No gradient, no batch
+        statistics; `direction` [L]: the video's slowest direction, for `readout: direction`."""
+        return self.read_ids(self.latents(frames), direction)
+
+    def read_ids(self, latent: Tensor, direction: Tensor | None = None) -> Tensor:
+        """Raw latents [..., L] -> action ids LongTensor [...] by `config.readout`: the FSQ code's
+        id, or (direction [L] given) STILL for the middle code, else POSITIVE / NEGATIVE by the
+        sign of the latent along `direction`. A transition played backwards gets the opposite id."""
+        ids = self.fsq.codes_to_ids(self.fsq(latent))  # [...]
+        if self.config.readout == "codes":
+            return ids
+        if direction is None:
+            raise TinyWorldsError("readout: direction needs the slowest direction fitted after training "
+                                  "(lam/readout.json); rerun stage train_lam")
+        still = self.fsq.codes_to_ids(torch.zeros_like(latent[..., :1]).expand_as(latent))  # [...]: the middle code
+        along = latent.float() @ direction.to(latent.device).float()  # [...]
+        moved = torch.where(along > 0, POSITIVE, NEGATIVE)
+        return torch.where(ids == still, STILL, moved)
 
     def loss(self, frames: Tensor, videos: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         """Next-frame MSE + standardize_weight * the penalty that makes each video's raw latent
@@ -275,7 +341,8 @@ class LatentActionModel(nn.Module):
         Metrics (detached): recon_mse, standardize_penalty, latent_std (mean per-dim std of the
         raw latent within a video), latent_correlation (mean |correlation| between two
         dimensions of the raw latent within a video: 1 when they copy one feature),
-        latent_slowness (`slowness`; 0 on clips of 2), action_perplexity, and action_usage [A]:
+        latent_slowness (`slowness`, with `persistence: slowest` the slowest direction's; 0 on clips
+        of 2), action_perplexity, and action_usage [A]:
         the fraction of the batch's transitions given each action.
         """
         b, t = frames.shape[:2]
@@ -292,10 +359,17 @@ class LatentActionModel(nn.Module):
         recon = (error * weights).mean()  # a plain mean, so each process's slice averages exactly
         penalty = standard_penalty(mean, factor)
         loss = recon + self.config.standardize_weight * penalty
-        slow = slowness(white_steps) if t > 2 else white.new_zeros(())
+        if t <= 2:
+            slow = white.new_zeros(())
+        elif self.config.persistence == "slowest":
+            before = rearrange(white_steps[:, :-1], "b n l -> (b n) l")  # [B*(T-2), L]
+            values, _ = slowness_along(before, rearrange(white_steps[:, 1:], "b n l -> (b n) l"))  # [L], ascending
+            slow = values[0]
+        else:
+            slow = slowness(white_steps)
         if self.config.persistence_weight > 0:
             loss = loss + self.config.persistence_weight * slow
-        usage = id_usage(self.fsq.codes_to_ids(codes.detach()), self.num_actions)  # [A]
+        usage = id_usage(self.fsq.codes_to_ids(codes.detach()), self.fsq.vocab_size)  # [A]: FSQ codes
         metrics = {
             "recon_mse": error.detach().mean(),
             "standardize_penalty": penalty.detach(),
@@ -371,6 +445,41 @@ def slowness(latent: Tensor) -> Tensor:
     change = (latent[:, 1:] - latent[:, :-1]).square().mean(dim=(0, 1))  # [L]
     spread = latent.square().mean(dim=(0, 1))  # [L]
     return (change / (2 * spread + SLOWNESS_FLOOR)).mean()
+
+
+def slowness_along(before: Tensor, after: Tensor, *, directions: bool = False) -> tuple[Tensor, Tensor | None]:
+    """How much the latent changes from one transition to the next along each of its slow
+    feature directions, from the latents of pairs of consecutive transitions, before [n, L] and
+    after [n, L]: (slowness [L], ascending, as `slowness` measures it: 0 held, 1 forgotten; the
+    directions [L, L] as columns, in the latent's coordinates, if asked).
+
+    Slow feature analysis: with M = E[z z^T] over both and D = E[(after - before)(after -
+    before)^T], the directions are the generalised eigenvectors of D w = s M w (uncentred, as
+    `slowness`: the latent is antisymmetric, so 0 is "still"). Differentiable in the values."""
+    both = torch.cat([before, after])  # [2n, L]
+    moment = both.T @ both / len(both)  # [L, L]
+    step = after - before  # [n, L]
+    change = step.T @ step / len(step)  # [L, L]
+    inverse = torch.linalg.inv(cholesky(moment))  # [L, L]: M + EPS I = F F^T, inverse = F^-1
+    whitened_change = inverse @ change @ inverse.T  # [L, L]
+    if not directions:
+        return torch.linalg.eigvalsh(whitened_change) / 2, None
+    values, vectors = torch.linalg.eigh(whitened_change)  # ascending
+    return values / 2, inverse.T @ vectors
+
+
+def slowest_direction(before: Tensor, after: Tensor) -> tuple[Tensor, float]:
+    """The unit direction [L] along which the raw latent changes least from one transition to
+    the next (`slowness_along`), from pairs of consecutive transitions' latents before [n, L]
+    and after [n, L], and its slowness. Its sign is fixed so that its largest component is
+    positive: deterministic, with no meaning of its own."""
+    if before.shape != after.shape or before.dim() != 2 or len(before) <= before.shape[1]:
+        raise TinyWorldsError(f"slowest direction: needs more than {before.shape[-1]} pairs of consecutive "
+                              f"transitions [n, L] twice; got {list(before.shape)} and {list(after.shape)}")
+    values, vectors = slowness_along(before.double(), after.double(), directions=True)
+    direction = vectors[:, 0] / vectors[:, 0].norm()  # [L]
+    direction = direction * torch.sign(direction[direction.abs().argmax()])
+    return direction.float(), float(values[0])
 
 
 def mean_abs_correlation(cov: Tensor) -> Tensor:

@@ -16,10 +16,16 @@ import torch
 from tinyworlds.core.atomic import write_json
 from tinyworlds.core.params import section
 from tinyworlds.data.stores import open_frame_store
+from tinyworlds.data.roots import split_config
 from tinyworlds.inference.latent_actions import (
     NAMES_FILE,
-    cache_latent_actions,
+    READOUT_FILE,
+    fit_readout,
     name_latent_actions,
+    read_latent_actions,
+    readout_direction,
+    video_latents,
+    write_latent_actions,
 )
 from tinyworlds.models.lam import LatentActionConfig, LatentActionModel
 from tinyworlds.models.pixels import to_model, to_uint8
@@ -65,22 +71,32 @@ def train_lam(params: dict[str, Any], root: Path = Path(".")) -> dict[str, float
         if not is_main_process():
             return {}  # rank 0 labels the transitions and writes the outputs
         result.model.eval()
-        usage = np.zeros(result.model.num_actions)
+        model = result.model
+        latents = {name: video_latents(model, stage.data.frames(name), clip_len=length, frame_skip=frame_skip,
+                                       device=device, storage_options=stage.data.storage_options) for name in names}
+        readout = fit_readout(latents, split_config(params), frame_skip) if model.config.readout == "direction" else None
+        usage = np.zeros(model.num_actions)
         named = {}  # per dataset with recorded actions: what each latent id most often is
         for name in names:
-            actions = cache_latent_actions(result.model, stage.data.frames(name), layout.latent_actions(name),
-                                           clip_len=length, frame_skip=frame_skip, device=device,
-                                           storage_options=stage.data.storage_options)
-            usage += np.bincount(actions[actions >= 0], minlength=result.model.num_actions)
+            actions = read_latent_actions(model, latents[name], readout_direction(readout, name))
+            write_latent_actions(layout.latent_actions(name), actions, frames_path=stage.data.frames(name),
+                                 num_actions=model.num_actions, frame_skip=frame_skip, clip_len=length)
+            usage += np.bincount(actions[actions >= 0], minlength=model.num_actions)
             store = open_frame_store(stage.data.frames(name), stage.data.storage_options)
             if store.true_actions is not None and store.attrs.get("action_meanings"):
                 named[name] = name_latent_actions(actions, store.true_actions.astype(np.int64),
-                                                  list(store.attrs["action_meanings"]), result.model.num_actions)
+                                                  list(store.attrs["action_meanings"]), model.num_actions)
         fractions = usage / max(usage.sum(), 1)
         entropy = float(-(fractions[fractions > 0] * np.log(fractions[fractions > 0])).sum())
         extra = {"actions_used": float((fractions > 0.01).sum()), "action_entropy_nats": entropy,
                  **{f"action_{i}_fraction": float(f) for i, f in enumerate(fractions)}}
+        if readout is not None:
+            # How held each video's direction is (0: never changes within a held move); MLflow shows it per run.
+            extra |= {f"{name}_direction_slowness": entry["slowness"] for name, entry in readout["datasets"].items()}
         final = setup.finish_training(STAGE, result, layout, run, layout.model("lam"), extra)
-        # Beside the weights, for people: `tinyworlds play` labels its buttons with these.
+        # Beside the weights: `tinyworlds play` labels its buttons with the names, and every
+        # later reader of ids (evaluate, play, dream) reads each video's direction from the readout.
         write_json({"usage": fractions.tolist(), "datasets": named}, layout.model("lam") / NAMES_FILE)
+        if readout is not None:
+            write_json(readout, layout.model("lam") / READOUT_FILE)
         return final

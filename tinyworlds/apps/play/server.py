@@ -35,6 +35,7 @@ from tinyworlds.apps.play.session import KeyMap, PlaySession
 from tinyworlds.apps.start import Start, StartRequest, check_settings, load_start
 from tinyworlds.core.device import parse_threads, set_inference_threads
 from tinyworlds.core.errors import TinyWorldsError
+from tinyworlds.inference.latent_actions import named_directions
 from tinyworlds.inference.world import GenerationSettings, WorldModel
 
 MAX_SESSIONS = 8  # the oldest session is dropped beyond this
@@ -206,7 +207,7 @@ def build_app(
     """Load the model and check that a game can start (one-line errors now, not in the page)."""
     check_settings(settings)
     world = WorldModel.load(models, device)
-    keymap = KeyMap.build(world.num_actions, keys)
+    keymap = KeyMap.build(world.num_actions, keys, named_directions(world.action_names))
     rng = np.random.default_rng(settings.seed)
 
     def new_start() -> Start:

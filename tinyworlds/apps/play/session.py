@@ -32,9 +32,11 @@ class KeyMap:
     keys: dict[str, int]
 
     @classmethod
-    def build(cls, num_actions: int, directions: str | None = None) -> KeyMap:
-        """Default directions up/down/left/right = 0/1/2/3; `"up=3,down=5"` overrides some."""
-        chosen = dict(DEFAULT_DIRECTIONS)
+    def build(cls, num_actions: int, directions: str | None = None, named: dict[str, int] | None = None) -> KeyMap:
+        """Arrows to the ids `named` after their direction (the true actions they most often
+        match, `named_directions`; a direction none is named after gets no key), or, with no
+        names, up/down/left/right = 0/1/2/3; `"up=3,down=5"` overrides some."""
+        chosen = dict(named) if named else dict(DEFAULT_DIRECTIONS)
         for part in (directions or "").split(","):
             if not part.strip():
                 continue
@@ -71,7 +73,7 @@ class PlaySession:
         with torch.inference_mode():
             self.tokens = world.encode(context)  # [1, T, P]
             if context.shape[1] > 1:
-                self.actions = world.infer_actions(context)  # [1, T-1]
+                self.actions = world.infer_actions(context, start.dataset)  # [1, T-1]
             else:
                 self.actions = torch.zeros(1, 0, dtype=torch.long, device=world.device)
         self.frame = start.context[-1]  # [H, W, C]: what is on screen
