@@ -62,8 +62,8 @@ def build_project(root: Path, params: dict, preset: harness.Preset, frames: int 
                         fps=float(params["data"]["fps"]), crop=crop, fit=dataset.get("fit", "crop"), progress=False)
         tokenize_store(tokenizer, layout.frames(name), layout.tokens(name), device=device, attrs={}, progress=False,
                        batch_size=int(section(params, "tokenize", "batch_size")))
-        cache_latent_actions(lam, layout.frames(name), layout.latent_actions(name), clip_len=preset.clip_len["lam"],
-                             frame_skip=int(params["data"]["frame_skip"]), device=device)
+        cache_latent_actions(lam, {name: (layout.frames(name), layout.latent_actions(name))}, split=split_config(params),
+                             clip_len=preset.clip_len["lam"], frame_skip=int(params["data"]["frame_skip"]), device=device)
         print(f"  {name}: {report.frames} frames of {recording['game']} recorded, ingested, tokenized "
               f"({time.perf_counter() - start:.0f} s)")
     return names

@@ -321,6 +321,7 @@ def test_changed_pixels_weigh_change_weight_and_residual_starts_by_copying():
 def test_a_transition_over_a_drop_idle_cut_gets_no_latent_action(tmp_path):
     import zarr
 
+    from tinyworlds.data.clips import SplitConfig
     from tinyworlds.inference.latent_actions import cache_latent_actions
 
     frames = np.random.default_rng(0).integers(0, 256, (20, 16, 16, 3), dtype=np.uint8)
@@ -329,11 +330,21 @@ def test_a_transition_over_a_drop_idle_cut_gets_no_latent_action(tmp_path):
     group.create_array("segment", data=np.array([0] * 9 + [1] * 11, dtype=np.int32), chunks=(8,))
     model = LatentActionModel(LatentActionConfig(frame_size=16, patch_size=8, embed_dim=16, num_heads=2,
                                                  encoder_blocks=1, decoder_blocks=1)).eval()
-    actions = cache_latent_actions(model, tmp_path / "cut.zarr", tmp_path / "ids.zarr", clip_len=4, frame_skip=2,
-                                   device=torch.device("cpu"))
+    labelled, readout = cache_latent_actions(model, {"cut": (tmp_path / "cut.zarr", tmp_path / "ids.zarr")},
+                                             split=SplitConfig(), clip_len=4, frame_skip=2, device=torch.device("cpu"))
+    actions = labelled["cut"]
+    assert readout is None  # readout: codes
     # Transitions t -> t + 2 that start in segment 0 and end in segment 1: t = 7, 8.
     assert np.flatnonzero(actions[:-2] < 0).tolist() == [7, 8]
     assert (actions[-2:] == -1).all()  # no frame t + 2 to go to
+    # A direction readout is fitted on the video's own latents, returned, and read the same way.
+    model = LatentActionModel(LatentActionConfig(frame_size=16, patch_size=8, embed_dim=16, num_heads=2, encoder_blocks=1,
+                                                 decoder_blocks=1, levels=(3, 3), readout="direction")).eval()
+    split = SplitConfig(block_frames=10, gap_frames=0)  # frames 0-9 train: 6 consecutive pairs to fit on
+    labelled, readout = cache_latent_actions(model, {"cut": (tmp_path / "cut.zarr", tmp_path / "ids3.zarr")},
+                                             split=split, clip_len=4, frame_skip=2, device=torch.device("cpu"))
+    assert set(readout["datasets"]) == {"cut"} and set(labelled["cut"][labelled["cut"] >= 0]) <= {0, 1, 2}
+    assert np.flatnonzero(labelled["cut"] < 0).tolist() == [7, 8, 18, 19]
 
 
 def test_a_non_finite_latent_gives_a_non_finite_loss_not_an_exception():

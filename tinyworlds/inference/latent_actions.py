@@ -118,18 +118,6 @@ def write_latent_actions(out: Path, actions: np.ndarray, *, frames_path: Path | 
                             "meaning": "latent_actions[t] is the latent action of transition t -> t + frame_skip; -1: none"})
 
 
-def cache_latent_actions(model: LatentActionModel, frames_path: Path | str, out: Path, *, clip_len: int,
-                         frame_skip: int, device: torch.device, storage_options: dict | None = None,
-                         direction: list[float] | None = None) -> np.ndarray:
-    """Label every transition of a frame store and write the ids to `out`; returns them [N]."""
-    latents = video_latents(model, frames_path, clip_len=clip_len, frame_skip=frame_skip, device=device,
-                            storage_options=storage_options)
-    actions = read_latent_actions(model, latents, direction)
-    write_latent_actions(out, actions, frames_path=frames_path, num_actions=model.num_actions,
-                         frame_skip=frame_skip, clip_len=clip_len)
-    return actions
-
-
 READOUT_FILE = "readout.json"  # beside the LAM's weights: each video's slowest direction (`readout: direction`)
 
 
@@ -148,6 +136,24 @@ def readout_direction(readout: dict | None, dataset: str | None) -> list[float] 
     if readout is None:
         return None
     return readout["datasets"].get(dataset, readout["pooled"])["direction"]
+
+
+def cache_latent_actions(model: LatentActionModel, videos: dict[str, tuple[Path | str, Path]], *, split: SplitConfig,
+                         clip_len: int, frame_skip: int, device: torch.device,
+                         storage_options: dict | None = None) -> tuple[dict[str, np.ndarray], dict | None]:
+    """Label every transition of each video {name: (frame store, latent-action store to write)}
+    by the model's readout and write the ids. With `readout: direction` each video's direction
+    is fitted first (`fit_readout`, on its training split). Returns ({name: ids [N]}, the
+    readout or None), so the caller can keep the readout beside the weights."""
+    latents = {name: video_latents(model, frames_path, clip_len=clip_len, frame_skip=frame_skip, device=device,
+                                   storage_options=storage_options) for name, (frames_path, _) in videos.items()}
+    readout = fit_readout(latents, split, frame_skip) if model.config.readout == "direction" else None
+    actions = {}
+    for name, (frames_path, out) in videos.items():
+        actions[name] = read_latent_actions(model, latents[name], readout_direction(readout, name))
+        write_latent_actions(out, actions[name], frames_path=frames_path, num_actions=model.num_actions,
+                             frame_skip=frame_skip, clip_len=clip_len)
+    return actions, readout
 
 
 NAMES_FILE = "action_names.json"  # beside the LAM's weights: what each latent id most often is

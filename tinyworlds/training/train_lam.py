@@ -17,16 +17,7 @@ from tinyworlds.core.atomic import write_json
 from tinyworlds.core.params import section
 from tinyworlds.data.stores import open_frame_store
 from tinyworlds.data.roots import split_config
-from tinyworlds.inference.latent_actions import (
-    NAMES_FILE,
-    READOUT_FILE,
-    fit_readout,
-    name_latent_actions,
-    read_latent_actions,
-    readout_direction,
-    video_latents,
-    write_latent_actions,
-)
+from tinyworlds.inference.latent_actions import NAMES_FILE, READOUT_FILE, cache_latent_actions, name_latent_actions
 from tinyworlds.models.lam import LatentActionConfig, LatentActionModel
 from tinyworlds.models.pixels import to_model, to_uint8
 from tinyworlds.training import setup
@@ -72,15 +63,13 @@ def train_lam(params: dict[str, Any], root: Path = Path(".")) -> dict[str, float
             return {}  # rank 0 labels the transitions and writes the outputs
         result.model.eval()
         model = result.model
-        latents = {name: video_latents(model, stage.data.frames(name), clip_len=length, frame_skip=frame_skip,
-                                       device=device, storage_options=stage.data.storage_options) for name in names}
-        readout = fit_readout(latents, split_config(params), frame_skip) if model.config.readout == "direction" else None
+        labelled, readout = cache_latent_actions(
+            model, {name: (stage.data.frames(name), layout.latent_actions(name)) for name in names},
+            split=split_config(params), clip_len=length, frame_skip=frame_skip, device=device,
+            storage_options=stage.data.storage_options)
         usage = np.zeros(model.num_actions)
         named = {}  # per dataset with recorded actions: what each latent id most often is
-        for name in names:
-            actions = read_latent_actions(model, latents[name], readout_direction(readout, name))
-            write_latent_actions(layout.latent_actions(name), actions, frames_path=stage.data.frames(name),
-                                 num_actions=model.num_actions, frame_skip=frame_skip, clip_len=length)
+        for name, actions in labelled.items():
             usage += np.bincount(actions[actions >= 0], minlength=model.num_actions)
             store = open_frame_store(stage.data.frames(name), stage.data.storage_options)
             if store.true_actions is not None and store.attrs.get("action_meanings"):
