@@ -4,6 +4,7 @@ import json
 import os
 import signal
 
+import numpy as np
 import pytest
 import torch
 from torch.utils.data import Dataset
@@ -120,7 +121,71 @@ def test_batches_depend_only_on_seed_and_step():
     assert full[6:] == tail and full != other
 
 
-@pytest.mark.parametrize("bad", [{"steps": 0}, {"lr": -1.0}, {"warmup_steps": 40}, {"val_every": 7}, {"checkpoint_every": 12}])
+def test_batches_of_one_video_draw_each_video_by_its_share_of_clips():
+    videos = [0] * 60 + [1] * 30 + [2] * 10  # items of three videos, 6 : 3 : 1
+    batches = list(StepBatchSampler(100, 8, seed=1, start=0, stop=3000, videos=videos, videos_per_batch=1))
+    per_batch = [{videos[i] for i in batch} for batch in batches]
+    assert all(len(batch) == 8 for batch in batches) and all(len(one) == 1 for one in per_batch)
+    shares = np.bincount([next(iter(one)) for one in per_batch], minlength=3) / len(batches)
+    np.testing.assert_allclose(shares, [0.6, 0.3, 0.1], atol=0.03)
+    # within a video every item is drawn, and the batches still depend only on (seed, step)
+    assert set(i for batch in batches for i in batch) == set(range(100))
+    tail = list(StepBatchSampler(100, 8, seed=1, start=2990, stop=3000, videos=videos, videos_per_batch=1))
+    assert batches[2990:] == tail
+
+
+def test_batches_of_two_videos_split_the_batch_between_two_distinct_videos():
+    videos = [0] * 40 + [1] * 40 + [2] * 20
+    batches = list(StepBatchSampler(100, 9, seed=2, start=0, stop=500, videos=videos, videos_per_batch=2))
+    for batch in batches:
+        counts = sorted(np.bincount([videos[i] for i in batch], minlength=3))
+        assert counts == [0, 4, 5]
+    # asked for more videos than there are: every batch holds all of them
+    three = list(StepBatchSampler(100, 9, seed=2, start=0, stop=20, videos=videos, videos_per_batch=5))
+    assert all(sorted(np.bincount([videos[i] for i in batch], minlength=3)) == [3, 3, 3] for batch in three)
+
+
+def test_batches_of_videos_split_over_processes_as_one_batch():
+    videos = [0] * 50 + [1] * 50
+    single = list(StepBatchSampler(100, 8, seed=3, start=0, stop=6, videos=videos, videos_per_batch=1))
+    shards = [list(StepBatchSampler(100, 8, seed=3, start=0, stop=6, rank=r, world_size=2, videos=videos,
+                                    videos_per_batch=1)) for r in range(2)]
+    assert [a + b for a, b in zip(*shards)] == single
+
+
+class TwoVideoPairs(Pairs):
+    """Pairs whose first half comes from video 0 and second half from video 1."""
+
+    item_videos = np.repeat([0, 1], 32)
+
+    def __getitem__(self, i):
+        return {**super().__getitem__(i), "video": torch.tensor(self.item_videos[i])}
+
+
+def test_trainer_feeds_one_video_a_batch_when_asked(tmp_path):
+    seen = []
+
+    def recording(model, batch):
+        if model.training:
+            seen.append(set(batch["video"].tolist()))
+        return mse(model, batch)
+
+    trainer = make_trainer(tmp_path / "state", loss_fn=recording, videos_per_batch=1)
+    trainer.train_set = TwoVideoPairs()
+    trainer.fit()
+    assert len(seen) == 40 and all(len(videos) == 1 for videos in seen)
+    assert {v for videos in seen for v in videos} == {0, 1}
+
+
+def test_batches_of_videos_need_clips_that_know_their_video(tmp_path):
+    with pytest.raises(TinyWorldsError, match="toy: train.videos_per_batch needs clips that know their video"):
+        make_trainer(tmp_path / "state", videos_per_batch=2).fit()
+    with pytest.raises(TinyWorldsError, match="3 video ids for 100 items"):
+        StepBatchSampler(100, 8, seed=0, start=0, stop=1, videos=[0, 1, 2], videos_per_batch=1)
+
+
+@pytest.mark.parametrize("bad", [{"steps": 0}, {"lr": -1.0}, {"warmup_steps": 40}, {"val_every": 7}, {"checkpoint_every": 12},
+                                 {"videos_per_batch": 0}, {"videos_per_batch": 17}])
 def test_bad_train_config_names_the_field(bad):
     with pytest.raises(TinyWorldsError, match=f"train.{next(iter(bad))}"):
         TrainConfig(**{"steps": 40, "warmup_steps": 0, "log_every": 5, **bad})

@@ -169,6 +169,11 @@ class ClipDataset(Dataset):
     def __len__(self) -> int:
         return len(self.index)
 
+    @property
+    def item_videos(self) -> np.ndarray:
+        """The video (index into `videos`) of each item [len(self)]: per-video batches draw on it."""
+        return self.index[:, 0]
+
     def _array(self, video_id: int, field: str):
         if self._arrays is None:  # first use in this process (DataLoader workers fork)
             self._arrays = {}

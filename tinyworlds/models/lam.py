@@ -100,6 +100,20 @@ and the decoder decides what. A penalty pulls each video's raw latent towards me
 covariance I, so by the end whitening changes little and inference (`infer`) uses the raw
 latent with no statistics, on any clip, even a single transition.
 
+Why one video a batch (params.yaml `lam.train.videos_per_batch: 1`): the whitening is a
+statistic over the batch, and a batch mixed from three games holds about 5 clips (15
+transitions) of each, too few to estimate a video's covariance. Space Invaders lost its
+direction in 5 seeds of 6 that way: its latent then says "the cannon moved" and not which way,
+along every direction of the latent plane (checked with the true move sign). Alone, with 5
+clips a batch, it did so too (2 seeds of 2); alone with 16 it found the direction in 2 of 2
+(NMI with the move sign 0.79 / 0.80). With every batch drawn from one video (in proportion to
+its clips, at no cost in compute) the whitening and the slowest direction are that video's,
+over 48 transitions. What it costs: in a mixed batch the persistence penalty's slowest
+direction is shared by the games (likely what kept Pong's latent on the player, as Breakout's);
+alone, Pong's latent can settle on the ball instead (1 seed in 6 lost Pong's controls entirely,
+direction slowness 0.05). Two videos a batch (8 clips each) did worse on both: Space Invaders
+held in 2 seeds of 4, Pong in 3. Measured over seeds: README, "What is known".
+
 Why read the direction (`readout: direction`): trained as above, the LAM puts "which way" in
 its latent, but its 9 FSQ ids do not name it one id per direction. Two whitened dimensions
 cannot both carry one three-valued feature, so the direction lies along a diagonal of the two

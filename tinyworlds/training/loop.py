@@ -26,7 +26,7 @@ import math
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -64,6 +64,10 @@ class TrainConfig:
     num_workers: int = 0
     seed: int = 0
     fsdp: bool = False  # with several processes: FSDP2 (sharded weights and optimizer) instead of DDP
+    # How many videos one batch draws its clips from: null, any (every clip drawn alone); N,
+    # N videos (drawn in proportion to their clips), batch_size / N clips each, for losses
+    # that take statistics per video over the batch, which a few clips estimate badly.
+    videos_per_batch: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "grad_accum", "log_every", "val_every", "val_batches", "checkpoint_every"):
@@ -75,6 +79,10 @@ class TrainConfig:
             raise TinyWorldsError(f"train.warmup_steps={self.warmup_steps}: must be in [0, steps={self.steps})")
         if self.num_workers < 0:
             raise TinyWorldsError(f"train.num_workers={self.num_workers}: must be >= 0")
+        if self.videos_per_batch is not None and not (
+                isinstance(self.videos_per_batch, int) and 1 <= self.videos_per_batch <= self.batch_size):
+            raise TinyWorldsError(f"train.videos_per_batch={self.videos_per_batch!r}: must be null or a whole number "
+                                  f"from 1 to batch_size={self.batch_size}")
         # Validation and checkpoints happen at log boundaries, where the loop syncs anyway.
         for name in ("val_every", "checkpoint_every"):
             if getattr(self, name) % self.log_every:
@@ -86,14 +94,25 @@ class StepBatchSampler(Sampler[list[int]]):
 
     `batch_size` is the global batch: with `world_size` processes, batch k is the same as in
     one process and rank r takes its contiguous slice of batch_size / world_size indices.
+    With `videos` (the video of each item, [num_items]) and `videos_per_batch` N, batch k holds
+    the items of N distinct videos (all of them, if fewer), split as evenly as the batch
+    allows; each video is drawn in proportion to its items among those not yet drawn, so the
+    videos get batches about as often as mixed batches would show them.
     """
 
     def __init__(self, num_items: int, batch_size: int, seed: int, start: int, stop: int,
-                 rank: int = 0, world_size: int = 1) -> None:
+                 rank: int = 0, world_size: int = 1, videos: Sequence[int] | None = None,
+                 videos_per_batch: int | None = None) -> None:
         if batch_size % world_size:
             raise TinyWorldsError(f"train.batch_size={batch_size}: must divide by the number of processes ({world_size})")
         self.num_items, self.batch_size, self.seed, self.start, self.stop = num_items, batch_size, seed, start, stop
-        self.rank, self.world_size = rank, world_size
+        self.rank, self.world_size, self.videos_per_batch = rank, world_size, videos_per_batch
+        self.members: list[torch.Tensor] = []  # per video: its items' indices
+        if videos_per_batch is not None:
+            video_of = torch.as_tensor(videos if videos is not None else [], dtype=torch.long)
+            if video_of.shape != (num_items,):
+                raise TinyWorldsError(f"videos_per_batch: {video_of.numel()} video ids for {num_items} items")
+            self.members = [torch.nonzero(video_of == v).flatten() for v in video_of.unique()]
 
     def __len__(self) -> int:
         return self.stop - self.start
@@ -103,8 +122,24 @@ class StepBatchSampler(Sampler[list[int]]):
         share = self.batch_size // self.world_size
         for micro_step in range(self.start, self.stop):
             generator.manual_seed(self.seed * 1_000_003 + micro_step)
-            batch = torch.randint(self.num_items, (self.batch_size,), generator=generator)  # [B], global
+            if self.videos_per_batch is None:
+                batch = torch.randint(self.num_items, (self.batch_size,), generator=generator)  # [B], global
+            else:
+                batch = self.batch_of_videos(generator)  # [B], global
             yield batch[self.rank * share : (self.rank + 1) * share].tolist()
+
+    def batch_of_videos(self, generator: torch.Generator) -> torch.Tensor:
+        """One batch [B] of item indices from `videos_per_batch` videos drawn without replacement."""
+        left = list(self.members)
+        chosen = []
+        for _ in range(min(self.videos_per_batch, len(left))):
+            sizes = torch.tensor([len(members) for members in left], dtype=torch.float)
+            chosen.append(left.pop(int(torch.multinomial(sizes, 1, generator=generator))))
+        parts = []
+        for i, members in enumerate(chosen):
+            count = self.batch_size // len(chosen) + (i < self.batch_size % len(chosen))
+            parts.append(members[torch.randint(len(members), (count,), generator=generator)])
+        return torch.cat(parts)
 
 
 def fingerprint(*parts: Any) -> str:
@@ -355,9 +390,14 @@ class Trainer:
     # -- data --------------------------------------------------------------------------------
     def build_loader(self, start_step: int) -> DataLoader:
         accum = self.config.grad_accum
+        videos = None
+        if self.config.videos_per_batch is not None:
+            videos = getattr(self.train_set, "item_videos", None)
+            if videos is None:
+                raise TinyWorldsError(f"{self.name}: train.videos_per_batch needs clips that know their video")
         sampler = StepBatchSampler(
             len(self.train_set), self.config.batch_size, self.config.seed, start_step * accum, self.config.steps * accum,
-            rank=self.rank, world_size=self.world_size,
+            rank=self.rank, world_size=self.world_size, videos=videos, videos_per_batch=self.config.videos_per_batch,
         )
         return DataLoader(
             self.train_set,
