@@ -185,7 +185,8 @@ def test_batches_of_videos_need_clips_that_know_their_video(tmp_path):
 
 
 @pytest.mark.parametrize("bad", [{"steps": 0}, {"lr": -1.0}, {"warmup_steps": 40}, {"val_every": 7}, {"checkpoint_every": 12},
-                                 {"videos_per_batch": 0}, {"videos_per_batch": 17}])
+                                 {"videos_per_batch": 0}, {"videos_per_batch": 17},
+                                 {"videos_per_batch": True}])
 def test_bad_train_config_names_the_field(bad):
     with pytest.raises(TinyWorldsError, match=f"train.{next(iter(bad))}"):
         TrainConfig(**{"steps": 40, "warmup_steps": 0, "log_every": 5, **bad})

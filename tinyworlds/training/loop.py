@@ -80,7 +80,8 @@ class TrainConfig:
         if self.num_workers < 0:
             raise TinyWorldsError(f"train.num_workers={self.num_workers}: must be >= 0")
         if self.videos_per_batch is not None and not (
-                isinstance(self.videos_per_batch, int) and 1 <= self.videos_per_batch <= self.batch_size):
+                isinstance(self.videos_per_batch, int) and not isinstance(self.videos_per_batch, bool)
+                and 1 <= self.videos_per_batch <= self.batch_size):
             raise TinyWorldsError(f"train.videos_per_batch={self.videos_per_batch!r}: must be null or a whole number "
                                   f"from 1 to batch_size={self.batch_size}")
         # Validation and checkpoints happen at log boundaries, where the loop syncs anyway.
