@@ -65,7 +65,7 @@ class TrainConfig:
     seed: int = 0
     fsdp: bool = False  # with several processes: FSDP2 (sharded weights and optimizer) instead of DDP
     # How many videos one batch draws its clips from: null, any (every clip drawn alone); N,
-    # N videos (drawn in proportion to their clips), batch_size / N clips each, for losses
+    # N videos (drawn in proportion to their clips), the batch split evenly between them, for losses
     # that take statistics per video over the batch, which a few clips estimate badly.
     videos_per_batch: int | None = None
 
