@@ -394,6 +394,12 @@ def test_direction_readout_gives_still_and_the_two_signs():
         model.infer(frames)
     codes = tiny_lam(levels=(3, 3), antisymmetric=True)
     assert codes.num_actions == 9 and codes.read_ids(latents, direction).max() > 2  # codes ignore a direction
+    # Read along a direction, the FSQ codes are not actions: 27 of them still name 3.
+    three_dims = tiny_lam(levels=(3, 3, 3), antisymmetric=True, readout="direction")
+    assert three_dims.num_actions == 3 and three_dims.fsq.vocab_size == 27
+    assert three_dims.read_ids(torch.zeros(1, 3), torch.ones(3) / np.sqrt(3)).tolist() == [STILL]
+    with pytest.raises(TinyWorldsError, match=r"levels=\(3, 3, 3\): gives 27 actions; must give 4 to 16 \(or use readout: direction\)"):
+        LatentActionConfig(**{**TINY, "levels": (3, 3, 3)})
 
 
 def test_the_readout_is_fitted_on_consecutive_training_transitions_only():
