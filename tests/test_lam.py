@@ -118,6 +118,16 @@ def test_persistence_weight_adds_the_latent_slowness_to_the_loss():
     assert model.to_latent.weight.grad.abs().sum() > 0
 
 
+def test_a_diverged_latent_has_a_non_finite_slowness_not_an_exception():
+    latents = held_and_placed_latents(300).float()
+    three = torch.cat([latents, latents[:, :1] * 0.5], dim=1)  # [N, 3]
+    three[5, 0] = float("inf")  # one transition of a diverging run
+    values, _ = slowness_along(three[:-1], three[1:])
+    assert values.shape == (3,) and not torch.isfinite(values).any()
+    values, directions = slowness_along(three[:-1], three[1:], directions=True)
+    assert not torch.isfinite(values).any() and directions.shape == (3, 3)
+
+
 def test_slowest_persistence_holds_one_direction_and_leaves_the_others_free():
     from einops import rearrange
 

@@ -119,7 +119,7 @@ two paddles that move up and down, the player's and the computer's, and from vid
 both look like controls. The computer's follows the ball, so its direction is the slower of
 the two (slowness 0.05-0.08 against 0.12-0.14), and a latent of two whitened dimensions held
 one paddle or the other, never both: in every Pong run that lost the controls (8 runs over
-six settings), the ids followed the computer's paddle (NMI with its move sign, read off the
+seven settings), the ids followed the computer's paddle (NMI with its move sign, read off the
 frames, 0.45-0.72; with the player's 0.00-0.08), and a linear fit of the player's move on
 the latent explained almost nothing of it (R² 0.01, against 0.87-0.91 in good runs). With a
 third dimension the player's paddle won in every seed tried (README, "What is known"). Why is
@@ -486,17 +486,24 @@ def slowness_along(before: Tensor, after: Tensor, *, directions: bool = False) -
 
     Slow feature analysis: with M = E[z z^T] over both and D = E[(after - before)(after -
     before)^T], the directions are the generalised eigenvectors of D w = s M w (uncentred, as
-    `slowness`: the latent is antisymmetric, so 0 is "still"). Differentiable in the values."""
+    `slowness`: the latent is antisymmetric, so 0 is "still"). Differentiable in the values.
+    Non-finite latents (a diverging run) give non-finite values, not an exception, so the
+    training loop reports the non-finite loss as such (LAPACK's eigensolver refuses them)."""
     both = torch.cat([before, after])  # [2n, L]
     moment = both.T @ both / len(both)  # [L, L]
     step = after - before  # [n, L]
     change = step.T @ step / len(step)  # [L, L]
+    finite = torch.isfinite(moment).all() & torch.isfinite(change).all()  # a tensor: no wait for the device
+    identity = torch.eye(moment.shape[-1], device=moment.device, dtype=moment.dtype)
+    moment, change = torch.where(finite, moment, identity), torch.where(finite, change, identity)
     inverse = torch.linalg.inv(cholesky(moment))  # [L, L]: M + EPS I = F F^T, inverse = F^-1
     whitened_change = inverse @ change @ inverse.T  # [L, L]
     if not directions:
-        return torch.linalg.eigvalsh(whitened_change) / 2, None
-    values, vectors = torch.linalg.eigh(whitened_change)  # ascending
-    return values / 2, inverse.T @ vectors
+        values, vectors = torch.linalg.eigvalsh(whitened_change), None
+    else:
+        values, vectors = torch.linalg.eigh(whitened_change)  # ascending
+        vectors = inverse.T @ vectors
+    return torch.where(finite, values / 2, torch.nan), vectors
 
 
 def slowest_direction(before: Tensor, after: Tensor) -> tuple[Tensor, float]:
