@@ -123,9 +123,8 @@ paddle or the other, never both: in every Pong run that lost the controls (8 run
 settings), the ids followed the computer's paddle (NMI with its move sign, read off the
 frames, 0.45-0.72; with the player's 0.00-0.08), and a linear fit of the player's move on the
 latent explained almost nothing of it (R² 0.01 in the two runs fitted, against 0.87-0.91 in
-good runs). With a third dimension the player's paddle won in every seed tried, 5 of 5 (Space
-Invaders held its direction in 4 of those 5, against 5 with two dimensions; README, "What is
-known"). Why is not measured: the three-dimensional latent we checked holds the player's move
+good runs). With a third dimension the player's paddle won in every seed tried, 6 of 6 (Space
+Invaders held its direction in 5, against 6 with two dimensions; README, "What is known"). Why is not measured: the three-dimensional latent we checked holds the player's move
 (R² 0.91) and not the computer's (0.05), so it is not room for both. The FSQ codes (27) are
 not actions here: the readout names 3 whatever their number, and the step costs the same.
 
