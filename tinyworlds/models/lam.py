@@ -74,20 +74,19 @@ ids now follow the move better the longer the LAM trains. A first version penali
 change of the whitened latent itself and collapsed to one id (see `slowness`).
 
 Why persist one direction (`persistence: slowest`): the penalty above holds every whitened
-dimension, but only one thing is held by the controls, the direction; the place the paddle
-is in changes at every step, and so does most else a second dimension can say. Averaged over
-both, the penalty is met as well by two half-slow dimensions as by one held and one free,
-and in some runs Pong's latent settled on something slow that is not the player (its
-direction slowness 0.07-0.08 against 0.12-0.14 in the good runs): the computer's paddle,
-which follows the ball and so turns only at a bounce (see "Why three dimensions"). With the
-penalty on the slowest direction alone (`slowness_along`, the smallest of the whitened
-latent's slow-feature values), one held
-direction pays and the other dimension is free. NMI with the move sign, read along the
-direction, LAM stage alone, seeds 0 to 5: Pong 0.67 / 0.77 / 0.06 / 0.69 / 0.06 / 0.06 with
-"each", 0.65 / 0.73 / 0.71 / 0.70 / 0.63 / 0.73 with "slowest"; Breakout 0.77-0.92 with both;
-Space Invaders 0.77 / 0.74 / 0.46 / 0.44 / 0.47 / 0.48 and 0.50 / 0.35 / 0.35 / 0.37 / 0.64 /
-0.46. "slowest" with weight 3 holds Space Invaders' direction a little more often (0.49-0.64)
-but lost Pong's in one seed of six (README, "What is known").
+dimension, but only one thing is held by the controls, the direction; the place the paddle is
+in changes at every step, and so does most else a second dimension can say. Averaged over
+both, the penalty is met as well by two half-slow dimensions as by one held and one free, and
+in some runs Pong's latent settled on something slow that is not the player (its direction
+slowness 0.07-0.08 against 0.12-0.14 in the good runs): the computer's paddle, which follows
+the ball and so turns only at a bounce (see "Why three dimensions"). With the penalty on the
+slowest direction alone (`slowness_along`, the smallest of the whitened latent's slow-feature
+values), one held direction pays and the other dimension is free. NMI with the move sign, read
+along the direction, LAM stage alone, seeds 0 to 5: Pong 0.67 / 0.77 / 0.06 / 0.69 / 0.06 /
+0.06 with "each", 0.65 / 0.73 / 0.71 / 0.70 / 0.63 / 0.73 with "slowest"; Breakout 0.77-0.92
+with both; Space Invaders 0.77 / 0.74 / 0.46 / 0.44 / 0.47 / 0.48 and 0.50 / 0.35 / 0.35 /
+0.37 / 0.64 / 0.46. "slowest" with weight 3 holds Space Invaders' direction a little more
+often (0.49-0.64) but lost Pong's in one seed of six (README, "What is known").
 
 Why whiten per video: at this scale the reconstruction loss, early on, pulls every latent
 towards one value the decoder can rely on, and an anti-collapse penalty on the batch's spread
@@ -124,9 +123,10 @@ settings), the ids followed the computer's paddle (NMI with its move sign, read 
 frames, 0.45-0.72; with the player's 0.00-0.08), and a linear fit of the player's move on the
 latent explained almost nothing of it (R² 0.01 in the two runs fitted, against 0.87-0.91 in
 good runs). With a third dimension the player's paddle won in every seed tried, 6 of 6 (Space
-Invaders held its direction in 5, against 6 with two dimensions; README, "What is known"). Why is not measured: the three-dimensional latent we checked holds the player's move
-(R² 0.91) and not the computer's (0.05), so it is not room for both. The FSQ codes (27) are
-not actions here: the readout names 3 whatever their number, and the step costs the same.
+Invaders held its direction in 5, against 6 with two dimensions; README, "What is known"). Why
+is not measured: the three-dimensional latent we checked holds the player's move (R² 0.91) and
+not the computer's (0.05), so it is not room for both. The FSQ codes (27) are not actions
+here: the readout names 3 whatever their number, and the step costs the same.
 
 Why read the direction (`readout: direction`): trained as above, the LAM puts "which way" in
 its latent, but its 9 FSQ ids do not name it one id per direction. Two whitened dimensions
