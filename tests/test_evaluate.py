@@ -328,6 +328,10 @@ def test_results_table_says_which_goals_each_dataset_meets(project, evaluated):
                                   "delta_fg_psnr": 1.5, "delta_fg_psnr_low": 0.4}}}
     assert all(line.endswith("; met: yes |") for line in goals_table(good).splitlines()[2:])
     assert "(moves:" not in goals_table(good)  # a headline from before 0.3.9 has no change scores
+    assert "(precision" not in goals_table(good).splitlines()[2]  # nor, before 0.3.14, the tokenizer's precision
+    invented = f"{pong['tokenizer_fg_recall']:.3f}, {pong['tokenizer_fg_psnr']:.1f} dB (precision {pong['tokenizer_fg_precision']:.2f})"
+    assert invented in table.splitlines()[2]  # beside the goal: how much of what it draws the frame has
+    assert pong["tokenizer_fg_precision"] == evaluated["pong"]["tokenizer"]["fg_precision"]
     moves = f"(moves: precision {pong['rollout_change_precision']:.2f}, recall {pong['rollout_change_recall']:.2f})"
     assert moves in table.splitlines()[5]
     worst = (f"{pong['rollout_minus_copy_fg_psnr_min']:+.2f} dB at worst [{pong['rollout_minus_copy_fg_psnr_min_low']:+.2f}"

@@ -467,6 +467,9 @@ def headline(tokenizer: dict[str, Any], lam: dict[str, Any], dynamics: dict[str,
     out = {
         "tokenizer_fg_recall": tokenizer["fg_recall"],
         "tokenizer_fg_psnr": tokenizer["fg_psnr"],
+        # Not part of the goal, shown beside it: a tokenizer that invents objects keeps its
+        # recall (what it invents covers the truth too); its precision falls.
+        "tokenizer_fg_precision": tokenizer["fg_precision"],
         "rollout_minus_copy_fg_psnr_min": float(min(margins)),
         "rollout_minus_copy_fg_psnr_min_low": dynamics["rollout_minus_copy_fg_psnr_min_low"],  # its 95% interval
         "rollout_minus_copy_fg_psnr_min_high": dynamics["rollout_minus_copy_fg_psnr_min_high"],

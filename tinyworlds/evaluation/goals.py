@@ -48,9 +48,16 @@ def _moves(headline: dict[str, Any]) -> str:
     return f" (moves: precision {precision:.2f}, recall {recall:.2f})" if _known(precision, recall) else ""
 
 
+def _invented(headline: dict[str, Any]) -> str:
+    """' (precision P)': the share of the object pixels the tokenizer draws that the frame has,
+    or '' where the headline has none (before 0.3.14)."""
+    precision = _get(headline, "tokenizer_fg_precision")
+    return f" (precision {precision:.2f})" if _known(precision) else ""
+
+
 GOALS = (
     Goal("tokenizer keeps the objects: fg recall >= 0.95, fg PSNR >= 25 dB",
-         lambda h: f"{_get(h, 'tokenizer_fg_recall'):.3f}, {_get(h, 'tokenizer_fg_psnr'):.1f} dB",
+         lambda h: f"{_get(h, 'tokenizer_fg_recall'):.3f}, {_get(h, 'tokenizer_fg_psnr'):.1f} dB{_invented(h)}",
          lambda h: _get(h, "tokenizer_fg_recall") >= 0.95 and _get(h, "tokenizer_fg_psnr") >= 25),
     Goal("LAM names the moves: NMI with the move's sign >= 0.6, opposite moves apart",
          lambda h: f"{_get(h, 'lam_nmi_displacement'):.3f}{_range(h, 'lam_nmi_displacement')}, "
