@@ -46,7 +46,9 @@ byte for byte: the sidecar keys `policy` (absent means sticky_random) and the st
 appear only when asked for.
 
 Determinism: the emulator and the policy are seeded, and x264 runs single-threaded with no
-wall-clock metadata, so the same seed gives the same bytes.
+wall-clock metadata, so the same seed gives the same play and the same frames, and almost
+always the same bytes (a balanced recording's mp4 differed by two bytes in two full CI runs,
+its decoded frames unchecked then; tests assert the pixels).
 """
 
 from __future__ import annotations
