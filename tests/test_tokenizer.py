@@ -176,6 +176,27 @@ def test_object_pixels_weigh_foreground_weight_in_the_loss():
     assert loss > metrics["mse"] and "fg_mse" in metrics and metrics["fg_mse"] > metrics["mse"]
 
 
+def test_a_ghost_sprite_weighs_ghost_weight():
+    background = torch.full((1, 3, 16, 16), -1.0)  # [B, C, H, W]: a black field
+    frames = background[:, None].repeat(1, 2, 1, 1, 1).clone()  # [B, T, C, H, W]
+    frames[:, :, :, 4:6, 4:6] = 1.0  # the real sprite
+    reconstruction = background[:, None].repeat(1, 2, 1, 1, 1).clone()
+    reconstruction[:, :, :, 4:6, 4:5] = 1.0  # half the real sprite drawn
+    reconstruction[:, :, :, 10:12, 10:12] = 1.0  # and a ghost where nothing is
+    weights = tiny_tokenizer(foreground_weight=10.0, ghost_weight=4.0).pixel_weights(frames, background, reconstruction)
+    assert (weights[..., 4:6, 4:6] == 10).all() and (weights[..., 10:12, 10:12] == 4).all()
+    assert weights.sum() == 2 * (256 - 8 + 40 + 16)
+    as_before = tiny_tokenizer(foreground_weight=10.0).pixel_weights(frames, background, reconstruction)
+    assert (as_before[..., 10:12, 10:12] == 1).all() and torch.equal(as_before, model_weights_without(frames, background))
+    with pytest.raises(TinyWorldsError, match="ghost_weight"):
+        TokenizerConfig(**{**TINY, "ghost_weight": 0.5})
+
+
+def model_weights_without(frames, background):
+    """The weights from the real frames alone (no reconstruction given)."""
+    return tiny_tokenizer(foreground_weight=10.0, ghost_weight=4.0).pixel_weights(frames, background)
+
+
 def test_a_weight_below_one_is_a_config_error():
     with pytest.raises(TinyWorldsError, match="foreground_weight"):
         TokenizerConfig(**{**TINY, "foreground_weight": 0.5})

@@ -9,4 +9,4 @@ A flattened product is written as one: [B*T*P]. Inside attention: R rows (B*T se
 space, B*P in time), Lq / Lk query / key lengths.
 """
 
-__version__ = "0.3.14"
+__version__ = "0.3.15"

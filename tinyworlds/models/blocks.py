@@ -104,12 +104,16 @@ def over_time_windows(fn, x: Tensor, window: int) -> Tensor:
     return torch.cat([out[:, 0, :-1], out[:, :, -1]], dim=1)  # [B, T or T-1, ...]
 
 
+def marked_pixels(difference: Tensor, threshold: float) -> Tensor:
+    """Bool [B, T, 1, H, W]: where any channel of the differences [B, T, C, H, W] exceeds `threshold`."""
+    return reduce(difference.abs(), "b t c h w -> b t 1 h w", "max") > threshold
+
+
 def emphasis_weights(difference: Tensor, weight: float, threshold: float) -> Tensor:
     """Per-pixel loss weights [B, T, 1, H, W] from differences [B, T, C, H, W]: `weight` where any
     channel differs by more than `threshold`, else 1. What the difference is against decides
     what is emphasised: the background (a tokenizer's objects) or the frame before (what moves)."""
-    marked = reduce(difference.abs(), "b t c h w -> b t 1 h w", "max") > threshold
-    return 1 + (weight - 1) * marked.float()
+    return 1 + (weight - 1) * marked_pixels(difference, threshold).float()
 
 
 def emphasised_mse(error: Tensor, weights: Tensor) -> Tensor:

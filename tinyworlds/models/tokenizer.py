@@ -29,8 +29,8 @@ from tinyworlds.models.blocks import (
     check_frames,
     check_levels,
     check_positive_ints,
-    emphasis_weights,
     emphasised_mse,
+    marked_pixels,
     over_time_windows,
     patchify,
     unpatchify,
@@ -57,6 +57,13 @@ class TokenizerConfig:
     # MSE (weight 1) the cheapest reconstruction is the empty background.
     foreground_weight: float = 1.0
     foreground_threshold: float = 24 / 127.5  # on the model's [-1, 1] scale: 24 of 255
+    # The loss weight of a ghost pixel: off the background in the reconstruction but not in the
+    # real frame (a sprite drawn where there is none). With 1 (until 0.3.14) a missed sprite
+    # costs foreground_weight times what a ghost costs, so when unsure the cheapest picture
+    # draws the sprite: on Space Invaders' thinned late screens the default drew the whole
+    # formation. With foreground_weight, a ghost costs what a miss does, as the evaluation's
+    # object scores count both (README "Metrics"). Marked from the detached reconstruction.
+    ghost_weight: float = 1.0
     # What a patch's token sees. "frame": the whole frame, by spatial attention (Genie's
     # ST-ViViT): context helps compress, but a patch whose pixels stay put can get a new token
     # when its neighbours change, and the dynamics model learns to predict that flicker.
@@ -69,6 +76,7 @@ class TokenizerConfig:
         check_positive_ints(self, "encoder_blocks", "decoder_blocks", "max_frames")
         check_levels(self)
         check(self, "encoder_context", self.encoder_context in ENCODER_CONTEXTS, f"must be one of {ENCODER_CONTEXTS}")
+        check(self, "ghost_weight", self.ghost_weight >= 1, "must be >= 1")
         if not (self.foreground_weight >= 1 and self.foreground_threshold >= 0):
             raise TinyWorldsError(f"tokenizer: foreground_weight={self.foreground_weight!r} must be >= 1 and "
                                   f"foreground_threshold={self.foreground_threshold!r} >= 0")
@@ -138,13 +146,20 @@ class VideoTokenizer(nn.Module):
         codes = self.fsq(self.latents(frames))  # [B, T, P, L], straight-through gradient
         return self.decode_codes(codes), self.fsq.codes_to_ids(codes.detach())
 
-    def pixel_weights(self, frames: Tensor, background: Tensor | None) -> Tensor:
+    def pixel_weights(self, frames: Tensor, background: Tensor | None, reconstruction: Tensor | None = None) -> Tensor:
         """Loss weights [B, T, 1, H, W]: `foreground_weight` where a pixel differs from its
-        clip's background frame [B, C, H, W] by more than the threshold in any channel, else 1."""
-        if background is None or self.config.foreground_weight == 1:
+        clip's background frame [B, C, H, W] by more than the threshold in any channel, else,
+        where the `reconstruction` does (a ghost), `ghost_weight`, else 1."""
+        c = self.config
+        if background is None or (c.foreground_weight == 1 and c.ghost_weight == 1):
             return torch.ones_like(frames[:, :, :1])
-        difference = frames - rearrange(background, "b c h w -> b 1 c h w")  # [B, T, C, H, W]
-        return emphasis_weights(difference, self.config.foreground_weight, self.config.foreground_threshold)
+        background = rearrange(background, "b c h w -> b 1 c h w")
+        real = marked_pixels(frames - background, c.foreground_threshold)  # [B, T, 1, H, W]
+        weights = 1 + (c.foreground_weight - 1) * real.float()
+        if c.ghost_weight != 1 and reconstruction is not None:
+            ghost = marked_pixels(reconstruction.detach() - background, c.foreground_threshold) & ~real
+            weights = weights + (c.ghost_weight - 1) * ghost.float()
+        return weights
 
     def loss(self, frames: Tensor, background: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         """Weighted reconstruction MSE (`pixel_weights`; plain MSE without a background) and
@@ -156,7 +171,7 @@ class VideoTokenizer(nn.Module):
         over the whole batch on one, so distributed training takes the same steps."""
         recon, tokens = self(frames)
         error = (recon.float() - frames.float()) ** 2  # [B, T, C, H, W]
-        weights = self.pixel_weights(frames.float(), background)  # [B, T, 1, H, W]
+        weights = self.pixel_weights(frames.float(), background, recon.float())  # [B, T, 1, H, W]
         loss = (error * weights).mean()
         mse = error.mean().detach()
         usage = id_usage(tokens, self.vocab_size)  # [V]
@@ -166,6 +181,6 @@ class VideoTokenizer(nn.Module):
             "codebook_usage": (usage > 0).float().mean(),
             "code_perplexity": perplexity(usage),
         }
-        if background is not None and self.config.foreground_weight != 1:
+        if background is not None and (self.config.foreground_weight != 1 or self.config.ghost_weight != 1):
             metrics["fg_mse"] = emphasised_mse(error, weights)
         return loss, metrics
