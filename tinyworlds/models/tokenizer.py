@@ -63,6 +63,8 @@ class TokenizerConfig:
     # draws the sprite: on Space Invaders' thinned late screens the default drew the whole
     # formation. With foreground_weight, a ghost costs what a miss does, as the evaluation's
     # object scores count both (README "Metrics"). Marked from the detached reconstruction.
+    # Measured at 5 and 20 (README "Current results"): fewer ghosts, but the frame encoder's
+    # still patches change token more often and the rollouts got worse, so params.yaml keeps 1.
     ghost_weight: float = 1.0
     # What a patch's token sees. "frame": the whole frame, by spatial attention (Genie's
     # ST-ViViT): context helps compress, but a patch whose pixels stay put can get a new token
