@@ -73,6 +73,12 @@ def write_video(
     return path
 
 
+def decode_mp4(path: Path) -> np.ndarray:
+    """Every frame of a video as uint8 RGB [T, H, W, 3]."""
+    with av.open(str(path)) as container:
+        return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])  # [T, H, W, 3]
+
+
 def truncate(src: Path, dst: Path, fraction: float) -> Path:
     """Copy the first `fraction` of `src`'s bytes to `dst`, like a download cut off."""
     data = src.read_bytes()

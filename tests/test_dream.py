@@ -10,7 +10,6 @@ import json
 import shutil
 from pathlib import Path
 
-import av
 import numpy as np
 import pytest
 from PIL import Image
@@ -20,6 +19,7 @@ from tests.conftest import (
     NUM_ACTIONS,
     PALETTE,
     SIZE,
+    decode_mp4,
     make_project,
     save_tiny_models,
     solid_frames,
@@ -44,11 +44,6 @@ def dream(*args: str):
 def written_dir(result) -> Path:
     mp4 = next(line.split()[-1] for line in result.stdout.splitlines() if line.endswith("dream.mp4"))
     return Path(mp4).parent
-
-
-def decode_mp4(path: Path) -> np.ndarray:
-    with av.open(str(path)) as container:
-        return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])  # [T, H, W, 3]
 
 
 def gif_frames(path: Path) -> list[Image.Image]:

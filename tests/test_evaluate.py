@@ -8,13 +8,13 @@ import math
 import shutil
 from pathlib import Path
 
-import av
 import numpy as np
 import pytest
 import torch
 import zarr
 from mlflow import MlflowClient
 
+from tests.conftest import decode_mp4
 from tinyworlds import metrics as M
 from tinyworlds.core.errors import TinyWorldsError
 from tinyworlds.core.params import Layout
@@ -289,8 +289,7 @@ def test_mlflow_run_has_metrics_grid_and_videos_that_decode(project, evaluated):
     videos = {a.path for a in client.list_artifacts(run.info.run_id, "rollouts")}
     assert videos == {f"rollouts/{n}_rollout.{ext}" for n in ("pong", "plain") for ext in ("mp4", "gif")}
     local = client.download_artifacts(run.info.run_id, "rollouts/pong_rollout.mp4", str(project))
-    with av.open(local) as container:
-        frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    frames = decode_mp4(Path(local))
     assert len(frames) == 6  # context 3 + video_frames 3
     assert frames[0].shape[0] == 2 * (32 + 15) + 2  # two clips, each 2x upscaled over a label strip
     assert frames[0].shape[1] == 3 * 32 + 2 * 2  # real | LAM actions | random actions, 2x upscaled

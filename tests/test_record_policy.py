@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 
-import av
 import numpy as np
 import pytest
 
+from tests.conftest import decode_mp4
 from tinyworlds.data.record import (
     PLAYER_RAM,
     _load_game,
@@ -103,12 +103,6 @@ def test_balanced_presses_fire_after_a_lost_life_and_replays_exactly(tmp_path):
         assert ball[j] == 0 and any(ball[j : j + 3 * repeat])
 
 
-def decoded(video) -> np.ndarray:
-    """Every frame of a video as uint8 RGB [T, H, W, 3]."""
-    with av.open(str(video)) as container:
-        return np.stack([frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)])
-
-
 def test_balanced_is_deterministic(tmp_path):
     a = record_gameplay("pong", tmp_path / "a" / "p.mp4", frames=200, seed=7, policy="balanced")
     b = record_gameplay("pong", tmp_path / "b" / "p.mp4", frames=200, seed=7, policy="balanced")
@@ -117,7 +111,7 @@ def test_balanced_is_deterministic(tmp_path):
     # two bytes in two full CI runs (0.3.10, 0.3.14) and in none of 900 reruns alone or beside
     # another busy process, so what is asserted is what ingest reads, every decoded pixel.
     assert a.actions.read_bytes() == b.actions.read_bytes()
-    frames_a, frames_b = decoded(a.video), decoded(b.video)
+    frames_a, frames_b = decode_mp4(a.video), decode_mp4(b.video)
     assert frames_a.shape == (200, 210, 160, 3) and np.array_equal(frames_a, frames_b)
     assert json.loads(a.actions.read_text())["actions"] != json.loads(c.actions.read_text())["actions"]
 
