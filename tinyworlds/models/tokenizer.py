@@ -83,6 +83,11 @@ class TokenizerConfig:
             raise TinyWorldsError(f"tokenizer: foreground_weight={self.foreground_weight!r} must be >= 1 and "
                                   f"foreground_threshold={self.foreground_threshold!r} >= 0")
 
+    @property
+    def weighs_objects(self) -> bool:
+        """Whether the loss weighs pixels against the video's background (object or ghost weights)."""
+        return self.foreground_weight != 1 or self.ghost_weight != 1
+
 
 class VideoTokenizer(nn.Module):
     """Frames [B, T, C, H, W] in [-1, 1] <-> tokens [B, T, P] in [0, V)."""
@@ -153,7 +158,7 @@ class VideoTokenizer(nn.Module):
         clip's background frame [B, C, H, W] by more than the threshold in any channel, else,
         where the `reconstruction` does (a ghost), `ghost_weight`, else 1."""
         c = self.config
-        if background is None or (c.foreground_weight == 1 and c.ghost_weight == 1):
+        if background is None or not c.weighs_objects:
             return torch.ones_like(frames[:, :, :1])
         background = rearrange(background, "b c h w -> b 1 c h w")
         real = marked_pixels(frames - background, c.foreground_threshold)  # [B, T, 1, H, W]
@@ -183,6 +188,6 @@ class VideoTokenizer(nn.Module):
             "codebook_usage": (usage > 0).float().mean(),
             "code_perplexity": perplexity(usage),
         }
-        if background is not None and (self.config.foreground_weight != 1 or self.config.ghost_weight != 1):
+        if background is not None and self.config.weighs_objects:
             metrics["fg_mse"] = emphasised_mse(error, weights)
         return loss, metrics

@@ -70,8 +70,7 @@ def train_tokenizer(params: dict[str, Any], root: Path = Path(".")) -> dict[str,
     layout, names, length, device = stage.layout, stage.names, stage.clip_len, stage.device
     train_config, train_set, val_set = stage.train_config, stage.train_set, stage.val_set
 
-    weighted = stage.model_config.foreground_weight != 1 or stage.model_config.ghost_weight != 1
-    backgrounds = video_backgrounds(stage).to(device) if weighted else None
+    backgrounds = video_backgrounds(stage).to(device) if stage.model_config.weighs_objects else None
     torch.manual_seed(train_config.seed)
     model = VideoTokenizer(stage.model_config)
     preview = preview_clips(val_set).to(device) if len(val_set) else None
